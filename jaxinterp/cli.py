@@ -1,0 +1,196 @@
+"""The ``jaxinterp`` command.
+
+    jaxinterp list
+    jaxinterp train TARGET [--seed N] [--steps N] [--out DIR] [--FIELD VALUE ...]
+    jaxinterp run METHOD TARGET [--seed N | --seeds A-B] [--steps N] [--out DIR] [--target DIR]
+
+Any config field of the target's recipe can be overridden with ``--field-name value``
+(``jaxinterp train tms-5-2 --lr 1e-3 --batch-size 512``). User errors print one line and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class UserError(Exception):
+    """A mistake in the command line: printed as one line, exit status 2."""
+
+
+def _parse_overrides(extra: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or len(tok) <= 2:
+            raise UserError(f"unexpected argument {tok!r}; config overrides look like --lr 1e-3")
+        key, eq, val = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise UserError(f"missing value for --{key}")
+            val = extra[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = val
+        i += 1
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> [3]; ``"0-15"`` -> [0..15]."""
+    try:
+        if "-" in text:
+            a, b = (int(t) for t in text.split("-", 1))
+        else:
+            a = b = int(text)
+    except ValueError:
+        raise UserError(f"--seeds expects A-B (e.g. 0-15), got {text!r}") from None
+    if a < 0 or b < a:
+        raise UserError(f"--seeds expects 0 <= A <= B, got {text!r}")
+    return list(range(a, b + 1))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float | np.floating):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def results_table(rows: list[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {_fmt(v)}" for k, v in rows)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+    from .models import TARGETS
+
+    print("targets (jaxinterp train TARGET):")
+    width = max(len(n) for n in TARGETS)
+    for name in sorted(TARGETS):
+        print(f"  {name:<{width}}  {TARGETS[name].description}")
+    print("methods (jaxinterp run METHOD TARGET):")
+    if not METHODS:
+        print("  (none registered yet)")
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        print(f"  {name:<{width}}  {m.description} [targets: {', '.join(m.targets)}]")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .models import get_target, train_target
+
+    target = get_target(args.target)
+    overrides: dict[str, Any] = _parse_overrides(extra)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    cfg = target.config(**overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{target.name}-seed{cfg.seed}"
+    if not args.resume and (out / "checkpoint.eqx").exists():
+        (out / "checkpoint.eqx").unlink()
+    result = train_target(target, cfg, out=out, progress=not args.no_progress)
+    m = result.metrics
+    rows: list[tuple[str, Any]] = [("target", target.name), ("seed kept", result.seed),
+                                   ("seeds trained", ", ".join(str(s["seed"]) for s in
+                                                               result.seed_metrics)),
+                                   ("steps", m["steps"]), ("wall time (s)", m["wall_time_s"]),
+                                   ("final_loss", m["final_loss"])]
+    if "test_accuracy" in m:
+        rows.append(("test_accuracy", m["test_accuracy"]))
+    for name, chk in m["gate"]["checks"].items():
+        bound = f"<= {_fmt(chk['max'])}" if "max" in chk else f">= {_fmt(chk.get('min'))}"
+        rows.append((f"gate {name}", f"{_fmt(chk['value'])} ({bound}) {'ok' if chk['ok'] else 'FAIL'}"))
+    rows.append(("gate passed", bool(m["gate"]["passed"])))
+    print(f"\n{target.name}: {target.description}")
+    print(results_table(rows))
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    print(f"\nrun directory: {out}  (config.json, metrics.json, model.eqx, history.npz)")
+    if pngs:
+        print(f"plots: {', '.join(str(out / p) for p in pngs)}")
+    if not m["gate"]["passed"]:
+        print("warning: the quality gate did not pass; train more steps or seeds "
+              "(--steps, --n-seeds).", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from .methods import get_method
+    from .models import get_target
+
+    method = get_method(args.method)
+    get_target(args.target)
+    if args.target not in method.targets:
+        raise UserError(f"method {method.name!r} supports targets {', '.join(method.targets)}; "
+                        f"got {args.target!r}")
+    if args.seed is not None and args.seeds is not None:
+        raise UserError("give either --seed or --seeds, not both")
+    if args.target_dir and not Path(args.target_dir).exists():
+        raise UserError(f"--target: no such run directory {args.target_dir!r}")
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed or 0]
+    metrics = method.run(args.target, seeds=seeds, steps=args.steps, out=args.out,
+                         target_dir=args.target_dir, overrides=_parse_overrides(extra),
+                         progress=not args.no_progress)
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, int | float | np.floating | bool)]
+    if rows:
+        print(results_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxinterp", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list targets and methods")
+    t = sub.add_parser("train", help="train a toy target; any config field via --field value")
+    t.add_argument("target")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--out", help="run directory (default runs/TARGET-seedN)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start afresh even if the run directory has a checkpoint")
+    r = sub.add_parser("run", help="run a decomposition method on a target")
+    r.add_argument("method")
+    r.add_argument("target")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--seeds", help="A-B: run seeds A..B in one vmapped run")
+    r.add_argument("--steps", type=int)
+    r.add_argument("--out")
+    r.add_argument("--target", dest="target_dir", help="run directory of a trained target")
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "list":
+            if extra:
+                raise UserError(f"unexpected arguments {' '.join(extra)}")
+            return cmd_list(args)
+        if args.command == "train":
+            return cmd_train(args, extra)
+        return cmd_run(args, extra)
+    except (UserError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"jaxinterp: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxinterp: interrupted; rerun the same command to resume from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""A generic optax fit loop: many updates per jit call, progress, evaluation, exact resume.
+
+The loop is written for one run; with ``seeds=True`` every array in the state carries a
+leading ``seeds`` axis and the whole update is vmapped, so N independent runs cost one
+compiled program. Randomness at update ``s`` is ``step_key(key, s, DATA)``: it depends on
+the run key and the update index only, which is what makes a resumed run bit-identical to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from .. import io
+from .._checks import check_positive, fail
+from ..rng import Stream, step_key
+
+LossFn = Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
+SampleFn = Callable[[Any, jax.Array, jax.Array], Any]
+CHECKPOINT = "checkpoint.eqx"
+HISTORY = "history.npz"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss term becomes NaN or infinite; names the step and the term."""
+
+
+class TrainState(eqx.Module):
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """Outcome of :func:`fit`.
+
+    Attributes:
+        params: trained parameters (leading ``seeds`` axis when vmapped).
+        opt_state: final optimizer state.
+        step: number of updates done.
+        history: ``{"step": (n,), term: (n,) or (n, seeds)}`` for every loss term.
+        evals: ``{"step": (m,), metric: (m,) or (m, seeds)}`` from ``eval_fn``.
+        wall_time: seconds spent in this call (excluding what a resumed run did before).
+    """
+
+    params: Any
+    opt_state: Any
+    step: int
+    history: dict[str, np.ndarray]
+    evals: dict[str, np.ndarray]
+    wall_time: float
+
+
+def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, data_axis):
+    def one_step(state: TrainState, frozen, data, key):
+        k = step_key(key, state.step, Stream.DATA)
+        batch = sample_fn(data, k, state.step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        terms = {"loss": loss, **aux}
+        return TrainState(params, opt_state, state.step + 1), terms
+
+    if seeds:
+        one_step = jax.vmap(one_step, in_axes=(0, 0, data_axis, 0))
+
+    @eqx.filter_jit
+    def chunk(state, frozen, data, key, n: int):
+        def body(s, _):
+            s, terms = one_step(s, frozen, data, key)
+            return s, terms
+
+        return jax.lax.scan(body, state, None, length=n)
+
+    return chunk
+
+
+def _check_finite(terms: dict[str, np.ndarray], first_step: int) -> None:
+    for name, vals in terms.items():
+        v = np.asarray(vals)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            idx = np.argwhere(bad)[0]
+            step = first_step + int(idx[0])
+            where = f" (seed index {int(idx[1])})" if v.ndim > 1 else ""
+            raise NonFiniteLossError(
+                f"fit: loss term '{name}' became {v[tuple(idx)]} at step {step}{where}. "
+                "Lower the learning rate or check the data; the last checkpoint is intact."
+            )
+
+
+def fit(
+    loss_fn: LossFn,
+    params: Any,
+    frozen: Any,
+    optimizer: optax.GradientTransformation,
+    sample_fn: SampleFn,
+    *,
+    steps: int,
+    key: jax.Array,
+    data: Any = None,
+    seeds: bool = False,
+    data_axis: int | None = None,
+    steps_per_call: int = 100,
+    eval_fn: Callable[[Any, Any, int], dict[str, Any]] | None = None,
+    eval_every: int | None = None,
+    stop_fn: Callable[[dict[str, np.ndarray]], bool] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    header: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> FitResult:
+    """Minimise ``loss_fn(params, frozen, batch)`` with ``optimizer``.
+
+    Args:
+        loss_fn: ``(params, frozen, batch) -> (loss, {term: value})``; ``frozen`` is never
+            differentiated (e.g. a frozen target, embeddings).
+        params: trainable pytree (leading ``seeds`` axis on every leaf if ``seeds``).
+        frozen: non-trainable pytree passed through unchanged.
+        optimizer: an optax transformation.
+        sample_fn: ``(data, key, step) -> batch``, pure; fresh batches come from the key,
+            fixed datasets from ``data``.
+        steps: total number of updates (a resumed run continues up to this number).
+        key: run key (``(seeds,)`` keys if ``seeds``).
+        data: fixed dataset pytree handed to ``sample_fn`` (may be None).
+        seeds: vmap everything over a leading ``seeds`` axis.
+        data_axis: ``0`` if ``data`` has a leading ``seeds`` axis too, else None.
+        steps_per_call: updates fused into one jit-compiled ``lax.scan``.
+        eval_fn: host-side ``(params, frozen, step) -> {metric: value}``, called every
+            ``eval_every`` updates and at the end.
+        eval_every: evaluation period (rounded up to a multiple of ``steps_per_call``).
+        stop_fn: ``(evals) -> bool`` early stop, checked after each evaluation.
+        checkpoint_dir: where ``checkpoint.eqx`` and ``history.npz`` go (None: no checkpoints).
+        checkpoint_every: checkpoint period (rounded up to a multiple of ``steps_per_call``);
+            a final checkpoint is always written when ``checkpoint_dir`` is set.
+        resume: continue from ``checkpoint_dir/checkpoint.eqx`` if it exists.
+        header: JSON-able dict stored in the checkpoint header (e.g. the config).
+        progress: show a tqdm bar.
+        desc: progress-bar label.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        NonFiniteLossError: a loss term became non-finite (names step and term).
+        ValueError: bad arguments.
+    """
+    fn = "fit"
+    check_positive(fn, "steps", steps, integer=True)
+    check_positive(fn, "steps_per_call", steps_per_call, integer=True)
+    if seeds and jnp.ndim(key) == 0:
+        raise fail(fn, "key", "a (seeds,) array of keys when seeds=True", "a single key")
+
+    def round_up(n):
+        return None if not n else int(-(-n // steps_per_call) * steps_per_call)
+
+    eval_every, checkpoint_every = round_up(eval_every), round_up(checkpoint_every)
+    opt_init = jax.vmap(optimizer.init) if seeds else optimizer.init
+    state = TrainState(params, opt_init(params), jnp.asarray(0, jnp.int32))
+    if seeds:
+        n_seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
+        state = eqx.tree_at(lambda s: s.step, state, jnp.zeros((n_seeds,), jnp.int32))
+    history: dict[str, list] = {}
+    evals: dict[str, list] = {}
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    start = 0
+    if ckpt is not None and resume and ckpt.exists():
+        like = eqx.filter_eval_shape(lambda s: s, state)
+        state, hdr = io.load_tree(ckpt, like)
+        start = int(hdr["step"])
+        hist_file = ckpt.parent / HISTORY
+        if hist_file.exists():
+            for k, v in io.load_history(hist_file).items():
+                if k.startswith("eval/"):
+                    evals[k[5:]] = list(v)
+                else:
+                    history[k] = list(v)
+    chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis)
+
+    def flat_history():
+        out = {k: np.asarray(v) for k, v in history.items()}
+        out.update({f"eval/{k}": np.asarray(v) for k, v in evals.items()})
+        return out
+
+    def save(step):
+        if ckpt is None:
+            return
+        io.save_tree(ckpt, state, {**(header or {}), "step": step})
+        io.save_history(ckpt.parent / HISTORY, flat_history())
+
+    def run_eval(step):
+        if eval_fn is None:
+            return
+        metrics = eval_fn(state.params, frozen, step)
+        evals.setdefault("step", []).append(step)
+        for k, v in metrics.items():
+            evals.setdefault(k, []).append(np.asarray(v))
+
+    t0 = time.perf_counter()
+    step = start
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True,
+               mininterval=0.5)
+    stopped = False
+    try:
+        while step < steps:
+            n = min(steps_per_call, steps - step)
+            new_state, terms = chunk(state, frozen, data, key, n)
+            terms = jax.device_get(terms)
+            _check_finite(terms, step)
+            state = new_state
+            history.setdefault("step", []).extend(range(step + 1, step + n + 1))
+            for k, v in terms.items():
+                history.setdefault(k, []).extend(np.asarray(v))
+            step += n
+            bar.update(n)
+            last = float(np.mean(terms["loss"][-1]))
+            bar.set_postfix(loss=f"{last:.4g}", refresh=False)
+            if eval_every and step % eval_every == 0 and step < steps:
+                run_eval(step)
+                if stop_fn is not None and stop_fn({k: np.asarray(v) for k, v in evals.items()}):
+                    stopped = True
+                    break
+            if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                save(step)
+    finally:
+        bar.close()
+    if eval_fn is not None and (not evals.get("step") or evals["step"][-1] != step):
+        run_eval(step)
+    save(step)
+    del stopped
+    return FitResult(
+        params=state.params,
+        opt_state=state.opt_state,
+        step=step,
+        history={k: np.asarray(v) for k, v in history.items()},
+        evals={k: np.asarray(v) for k, v in evals.items()},
+        wall_time=time.perf_counter() - t0,
+    )

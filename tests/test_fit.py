@@ -1,0 +1,122 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxinterp.train import NonFiniteLossError, fit, make_optimizer
+
+
+def quad_loss(params, frozen, batch):
+    pred = batch @ params["w"] + frozen["b"]
+    return jnp.mean((pred - batch.sum(-1, keepdims=True)) ** 2), {"w_norm": jnp.sum(params["w"] ** 2)}
+
+
+def sample(data, key, step):
+    return jax.random.normal(key, (16, 3))
+
+
+def setup():
+    params = {"w": jnp.zeros((3, 1))}
+    frozen = {"b": jnp.zeros(())}
+    return params, frozen, make_optimizer("adamw", 0.05, 40, weight_decay=0.01,
+                                          schedule="quarter_cosine")
+
+
+def test_fit_learns_and_records_every_term():
+    params, frozen, opt = setup()
+    r = fit(quad_loss, params, frozen, opt, sample, steps=40, key=jax.random.key(0),
+            steps_per_call=8, progress=False)
+    assert r.step == 40
+    assert r.history["step"].tolist() == list(range(1, 41))
+    assert set(r.history) == {"step", "loss", "w_norm"}
+    assert r.history["loss"][-1] < 0.1 * r.history["loss"][0]
+    np.testing.assert_array_equal(params["w"], np.zeros((3, 1)))  # inputs unchanged
+
+
+def test_resume_is_bit_identical(tmp_path):
+    params, frozen, opt = setup()
+    kw = dict(key=jax.random.key(3), steps_per_call=5, progress=False)
+    full = fit(quad_loss, params, frozen, opt, sample, steps=40, **kw)
+    # "interrupted" run: stops after 20 updates, checkpointing every 10
+    fit(quad_loss, params, frozen, opt, sample, steps=20, checkpoint_dir=tmp_path,
+        checkpoint_every=10, **kw)
+    assert (tmp_path / "checkpoint.eqx").exists()
+    resumed = fit(quad_loss, params, frozen, opt, sample, steps=40, checkpoint_dir=tmp_path, **kw)
+    np.testing.assert_array_equal(np.asarray(full.params["w"]), np.asarray(resumed.params["w"]))
+    for a, b in zip(jax.tree_util.tree_leaves(full.opt_state),
+                    jax.tree_util.tree_leaves(resumed.opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(full.history["loss"], resumed.history["loss"])
+
+
+def test_vmapped_seeds_equal_separate_runs():
+    params, frozen, opt = setup()
+    keys = jnp.stack([jax.random.key(1), jax.random.key(2)])
+    stack = lambda t: jax.tree_util.tree_map(lambda x: jnp.stack([x, x + 0.1]), t)
+    both = fit(quad_loss, stack(params), stack(frozen), opt, sample, steps=20, key=keys,
+               seeds=True, steps_per_call=10, progress=False)
+    assert both.history["loss"].shape == (20, 2)
+    for i in range(2):
+        pi = jax.tree_util.tree_map(lambda x: x[i], stack(params))
+        fi = jax.tree_util.tree_map(lambda x: x[i], stack(frozen))
+        one = fit(quad_loss, pi, fi, opt, sample, steps=20, key=keys[i], steps_per_call=10,
+                  progress=False)
+        np.testing.assert_allclose(np.asarray(both.params["w"][i]), np.asarray(one.params["w"]),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_loss_names_step_and_term():
+    def bad_loss(params, frozen, batch):
+        loss, aux = quad_loss(params, frozen, batch)
+        return loss, {"blowup": jnp.where(params["w"][0, 0] != 0, jnp.nan, 0.0)}
+
+    params, frozen, opt = setup()
+    with pytest.raises(NonFiniteLossError, match=r"'blowup' became nan at step 1\b"):
+        fit(bad_loss, params, frozen, opt, sample, steps=10, key=jax.random.key(0),
+            steps_per_call=5, progress=False)
+
+
+def test_eval_and_early_stop():
+    params, frozen, opt = setup()
+    calls = []
+
+    def eval_fn(p, f, step):
+        calls.append(step)
+        return {"w0": p["w"][0, 0]}
+
+    r = fit(quad_loss, params, frozen, opt, sample, steps=40, key=jax.random.key(0),
+            steps_per_call=5, eval_fn=eval_fn, eval_every=10,
+            stop_fn=lambda ev: len(ev["step"]) >= 2, progress=False)
+    assert calls == [10, 20] and r.step == 20
+    assert r.evals["step"].tolist() == [10, 20]
+
+
+def test_no_retrace_across_chunks():
+    params, frozen, opt = setup()
+    traces = []
+
+    def counting_loss(p, f, b):
+        traces.append(1)
+        return quad_loss(p, f, b)
+
+    fit(counting_loss, params, frozen, opt, sample, steps=30, key=jax.random.key(0),
+        steps_per_call=5, progress=False)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(steps=0), "steps"),
+                                          (dict(steps=5, steps_per_call=0), "steps_per_call")])
+def test_fit_errors(kwargs, match):
+    params, frozen, opt = setup()
+    with pytest.raises(ValueError, match=match):
+        fit(quad_loss, params, frozen, opt, sample, key=jax.random.key(0), progress=False,
+            **kwargs)
+
+
+def test_seeds_requires_key_batch():
+    params, frozen, _ = setup()
+    with pytest.raises(ValueError, match="seeds"):
+        fit(quad_loss, params, frozen, optax.sgd(0.1), sample, steps=2, key=jax.random.key(0),
+            seeds=True, progress=False)
+
