@@ -7,3 +7,6 @@ from . import models as models
 from . import rng as rng
 from . import train as train
 from . import tree as tree
+from .models import get_target as get_target
+from .models import load_target as load_target
+from .models import train_target as train_target

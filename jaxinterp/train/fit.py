@@ -29,7 +29,7 @@ from ..rng import Stream, step_key
 LossFn = Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 SampleFn = Callable[[Any, jax.Array, jax.Array], Any]
 CHECKPOINT = "checkpoint.eqx"
-HISTORY = "history.npz"
+HISTORY = "checkpoint_history.npz"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -144,7 +144,7 @@ def fit(
             ``eval_every`` updates and at the end.
         eval_every: evaluation period (rounded up to a multiple of ``steps_per_call``).
         stop_fn: ``(evals) -> bool`` early stop, checked after each evaluation.
-        checkpoint_dir: where ``checkpoint.eqx`` and ``history.npz`` go (None: no checkpoints).
+        checkpoint_dir: where ``checkpoint.eqx`` and ``checkpoint_history.npz`` go (None: no checkpoints).
         checkpoint_every: checkpoint period (rounded up to a multiple of ``steps_per_call``);
             a final checkpoint is always written when ``checkpoint_dir`` is set.
         resume: continue from ``checkpoint_dir/checkpoint.eqx`` if it exists.
