@@ -2,9 +2,12 @@
 
 __version__ = "0.1.0"
 
+from . import interventions as interventions
 from . import io as io
+from . import jacobians as jacobians
 from . import models as models
 from . import rng as rng
+from . import target as target
 from . import train as train
 from . import tree as tree
 from .models import get_target as get_target
