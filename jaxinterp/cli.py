@@ -12,7 +12,6 @@ exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,7 +109,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         rows.append(("test_accuracy", m["test_accuracy"]))
     for name, chk in m["gate"]["checks"].items():
         bound = f"<= {_fmt(chk['max'])}" if "max" in chk else f">= {_fmt(chk.get('min'))}"
-        rows.append((f"gate {name}", f"{_fmt(chk['value'])} ({bound}) {'ok' if chk['ok'] else 'FAIL'}"))
+        verdict = "ok" if chk["ok"] else "FAIL"
+        rows.append((f"gate {name}", f"{_fmt(chk['value'])} ({bound}) {verdict}"))
     rows.append(("gate passed", bool(m["gate"]["passed"])))
     print(f"\n{target.name}: {target.description}")
     print(results_table(rows))

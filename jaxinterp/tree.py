@@ -71,7 +71,8 @@ def keystr(path: Sequence[Any]) -> str:
     return jax.tree_util.keystr(tuple(path))
 
 
-def leaves_with_names(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
+def leaves_with_names(tree: Any,
+                      is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
     """``[(name, leaf), ...]`` in flattening order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(keystr(p), leaf) for p, leaf in flat]

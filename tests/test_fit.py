@@ -9,7 +9,8 @@ from jaxinterp.train import NonFiniteLossError, fit, make_optimizer
 
 def quad_loss(params, frozen, batch):
     pred = batch @ params["w"] + frozen["b"]
-    return jnp.mean((pred - batch.sum(-1, keepdims=True)) ** 2), {"w_norm": jnp.sum(params["w"] ** 2)}
+    loss = jnp.mean((pred - batch.sum(-1, keepdims=True)) ** 2)
+    return loss, {"w_norm": jnp.sum(params["w"] ** 2)}
 
 
 def sample(data, key, step):

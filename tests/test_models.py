@@ -61,7 +61,8 @@ def test_train_target_runs_saves_and_reloads(name, tmp_path):
     if cfg.steps:
         assert np.isfinite(r.history["loss"]).all() and len(r.history["loss"]) == cfg.steps
         # frozen parts are never trained
-        init = eqx.filter_vmap(lambda k: target.init(cfg, ji.rng.stream_key(k, ji.rng.Stream.INIT)))(
+        init_one = lambda k: target.init(cfg, ji.rng.stream_key(k, ji.rng.Stream.INIT))
+        init = eqx.filter_vmap(init_one)(
             jnp.stack([ji.rng.seed_key(s) for s in (0, 1)]))
         for path in target.frozen:
             for leaf_a, leaf_b in zip(jax.tree_util.tree_leaves(ji.tree.get(init, path)),
@@ -164,7 +165,8 @@ def test_bad_configs_raise_clear_errors(name, kw, match):
 def test_models_reject_batched_input(getkey):
     target = ji.get_target("tms-5-2")
     model = target.init(target.config(), getkey())
-    with pytest.raises(ValueError, match=r"TMS: expected x of shape \(n_features=5\), got \(3, 5\)"):
+    msg = r"TMS: expected x of shape \(n_features=5\), got \(3, 5\)"
+    with pytest.raises(ValueError, match=msg):
         model(jnp.ones((3, 5)))
 
 

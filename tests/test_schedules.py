@@ -30,7 +30,8 @@ def test_half_cosine_and_exponential_and_step():
     v = values(make_schedule("exponential", 1.0, 10, halflife=2.0), 10)
     assert v[2] == pytest.approx(0.5) and v[4] == pytest.approx(0.25)
     v = values(make_schedule("step", 1.0, 40, gamma=0.5, every=2, steps_per_epoch=5), 40)
-    assert v[9] == pytest.approx(1.0) and v[10] == pytest.approx(0.5) and v[20] == pytest.approx(0.25)
+    assert v[9] == pytest.approx(1.0) and v[10] == pytest.approx(0.5)
+    assert v[20] == pytest.approx(0.25)
     assert values(make_schedule("quarter_cosine", 3.0, 1), 1)[0] == pytest.approx(3.0)
 
 

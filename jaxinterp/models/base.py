@@ -179,7 +179,8 @@ class ToyTarget:
         with ``passed`` and the individual checks)."""
         raise NotImplementedError
 
-    def plot(self, cfg: Any, model: Any, data: Any, result: TrainedTarget, run_dir: Path) -> list[Path]:
+    def plot(self, cfg: Any, model: Any, data: Any, result: TrainedTarget,
+             run_dir: Path) -> list[Path]:
         return []
 
     def ground_truth(self, model: Any) -> dict[str, Any]:

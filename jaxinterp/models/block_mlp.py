@@ -66,7 +66,8 @@ class BlockMLP(eqx.Module):
 
     def forward_with_cache(self, x: Array) -> tuple[Array, Cache]:
         width = self.layers[0].weight.shape[0]
-        check_shape("BlockMLP", "x", x, (width,), "The model takes one example; vmap over the batch.")
+        check_shape("BlockMLP", "x", x, (width,),
+                    "The model takes one example; vmap over the batch.")
         act = ACTIVATIONS[self.activation]
         cache: Cache = {}
         for i, layer in enumerate(self.layers):

@@ -180,7 +180,8 @@ def _feature_geometry(w: np.ndarray, path: Path, name: str) -> Path:
         unit = w / np.maximum(norms[:, None], 1e-12)
         interference = ((unit @ w.T) ** 2).sum(1) - norms**2
         order = np.argsort(-norms)
-        colors = plots.plt.cm.viridis(np.clip(interference[order] / (norms[order] ** 2 + 1e-12), 0, 1))
+        share = interference[order] / (norms[order] ** 2 + 1e-12)
+        colors = plots.plt.cm.viridis(np.clip(share, 0, 1))
         ax.bar(np.arange(len(norms)), norms[order], color=colors)
         ax.set_xlabel("feature (sorted by norm)")
         ax.set_ylabel("||W_j||")

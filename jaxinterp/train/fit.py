@@ -144,7 +144,8 @@ def fit(
             ``eval_every`` updates and at the end.
         eval_every: evaluation period (rounded up to a multiple of ``steps_per_call``).
         stop_fn: ``(evals) -> bool`` early stop, checked after each evaluation.
-        checkpoint_dir: where ``checkpoint.eqx`` and ``checkpoint_history.npz`` go (None: no checkpoints).
+        checkpoint_dir: where ``checkpoint.eqx`` and ``checkpoint_history.npz`` go (None:
+            no checkpoints).
         checkpoint_every: checkpoint period (rounded up to a multiple of ``steps_per_call``);
             a final checkpoint is always written when ``checkpoint_dir`` is set.
         resume: continue from ``checkpoint_dir/checkpoint.eqx`` if it exists.
