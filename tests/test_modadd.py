@@ -174,7 +174,8 @@ def test_should_stop_rule():
     assert TARGET.should_stop(cfg, ev([0.999] * 3, [0.010, 0.0101, 0.0102]))
     assert not TARGET.should_stop(cfg, ev([0.999] * 2, [0.010, 0.010]))  # too few evals
     assert not TARGET.should_stop(cfg, ev([0.99, 0.999, 0.999], [0.01] * 3))  # not held
-    assert not TARGET.should_stop(cfg, ev([1.0] * 3, [0.03, 0.02, 0.01]))  # still falling
+    assert not TARGET.should_stop(cfg, ev([1.0] * 3, [0.03, 0.01, 0.01]))  # still falling
+    assert TARGET.should_stop(cfg, ev([1.0] * 3, [1e-4, 2e-3, 1e-5]))  # low, oscillating
     assert not TARGET.should_stop(cfg, ev([1.0] * 3, [0.05] * 3))  # loss too high
     two = {"test_accuracy": np.asarray([[1.0, 1.0]] * 3),
            "test_loss": np.asarray([[0.01, 0.05]] * 3)}
