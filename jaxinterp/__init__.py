@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import decomposition as decomposition
 from . import interventions as interventions
 from . import io as io
 from . import jacobians as jacobians

@@ -78,6 +78,10 @@ class Target(eqx.Module):
 # --- equinox -----------------------------------------------------------------------
 
 
+def _is_weight_leaf(x: Any) -> bool:
+    return getattr(type(x), "is_weight_leaf", False) is True
+
+
 class _EquinoxApply:
     """``apply(params, x) = eqx.combine(params, static)(x)``; hashes by identity."""
 
@@ -87,7 +91,9 @@ class _EquinoxApply:
         self.static = static
 
     def __call__(self, params: PyTree, x: Any) -> Any:
-        return eqx.combine(params, self.static)(x)
+        # A weight leaf may have been replaced by a wrapper module (e.g. the weight-use
+        # interception of jaxinterp.decomposition.weights): keep it whole.
+        return eqx.combine(params, self.static, is_leaf=_is_weight_leaf)(x)
 
     def __repr__(self) -> str:
         return f"equinox_apply({type(self.static).__name__})"

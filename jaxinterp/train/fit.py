@@ -63,7 +63,8 @@ class FitResult:
     wall_time: float
 
 
-def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, data_axis):
+def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, data_axis,
+                frozen_axis=0):
     def one_step(state: TrainState, frozen, data, key):
         k = step_key(key, state.step, Stream.DATA)
         batch = sample_fn(data, k, state.step)
@@ -74,7 +75,7 @@ def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, da
         return TrainState(params, opt_state, state.step + 1), terms
 
     if seeds:
-        one_step = jax.vmap(one_step, in_axes=(0, 0, data_axis, 0))
+        one_step = jax.vmap(one_step, in_axes=(0, frozen_axis, data_axis, 0))
 
     @eqx.filter_jit
     def chunk(state, frozen, data, key, n: int):
@@ -113,6 +114,7 @@ def fit(
     data: Any = None,
     seeds: bool = False,
     data_axis: int | None = None,
+    frozen_axis: int | None = 0,
     steps_per_call: int = 100,
     eval_fn: Callable[[Any, Any, int], dict[str, Any]] | None = None,
     eval_every: int | None = None,
@@ -139,6 +141,8 @@ def fit(
         data: fixed dataset pytree handed to ``sample_fn`` (may be None).
         seeds: vmap everything over a leading ``seeds`` axis.
         data_axis: ``0`` if ``data`` has a leading ``seeds`` axis too, else None.
+        frozen_axis: ``0`` if ``frozen`` has a leading ``seeds`` axis (default), None if
+            all seeds share it (e.g. one target decomposed from several seeds).
         steps_per_call: updates fused into one jit-compiled ``lax.scan``.
         eval_fn: host-side ``(params, frozen, step) -> {metric: value}``, called every
             ``eval_every`` updates and at the end.
@@ -190,7 +194,7 @@ def fit(
                     evals[k[5:]] = list(v)
                 else:
                     history[k] = list(v)
-    chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis)
+    chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis, frozen_axis)
 
     def flat_history():
         out = {k: np.asarray(v) for k, v in history.items()}

@@ -1,0 +1,345 @@
+"""APD runs: the paper's presets, vmapped multi-seed training, evaluation, plots, and the
+``jaxinterp run apd TARGET`` registration.
+
+References:
+    Braun et al. 2025, "Interpretability in Parameter Space: Minimizing Mechanistic
+    Description Length with Attribution-based Parameter Decomposition" (arXiv 2501.14926).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import io, tree
+from .._checks import check_in, check_positive, fail
+from ..methods import Method, register_method
+from ..models import base
+from ..rng import Stream, seed_key, stream_key
+from ..target import from_equinox
+from ..train import fit, make_optimizer
+from . import apd
+from .apd_metrics import evaluate_apd
+
+TMS_PATHS = (".W_enc",)
+TMS_ID_PATHS = (".W_enc", ".hidden[0]")
+
+
+def resid_paths(n_layers: int) -> tuple[str, ...]:
+    return tuple(f".layers[{i}].{w}" for i in range(n_layers) for w in ("mlp_in", "mlp_out"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class APDConfig:
+    """APD hyperparameters (``specs/apd.md`` section 7); defaults are the TMS 5-2 preset.
+
+    Attributes:
+        paths: keypaths of the decomposed weight matrices.
+        C, m: number of components and inner rank (``m=None``: min(d_in, d_out) over the
+            decomposed matrices).
+        batch_size, steps, lr, schedule, warmup_frac: Adam (no weight decay) settings.
+        topk: batch top-k fraction (``topk_mode="batch"``) or per-sample integer k
+            (``"sample"``); None selects the L_p variant.
+        exact_topk, distil_from_target: the spec's top-k options.
+        c_faith, c_topk, c_act, c_schatten, c_lp, c_out: loss coefficients (None: off).
+        schatten_p, lp_p: the Schatten and L_p exponents.
+        attribution: one of :data:`jaxinterp.decomposition.apd.ATTRIBUTIONS`.
+        act_sites, act_relu: activation-reconstruction sites (empty: all) and whether a
+            ReLU is applied to both sides first.
+        unit_norm: unit-norm A columns with projected gradients.
+        init_gain, init_fan_instances: the reference's init fan rule.
+        steps_per_call, eval_size, checkpoint_every: run mechanics.
+        success_mmcs, success_ml2r: a TMS seed succeeds when MMCS >= success_mmcs and
+            ML2R lies in the closed interval success_ml2r.
+    """
+
+    paths: tuple[str, ...] = TMS_PATHS
+    C: int = 5
+    m: int | None = 3
+    batch_size: int = 2048
+    steps: int = 20_000
+    lr: float = 3e-2
+    schedule: str = "constant"
+    warmup_frac: float = 0.05
+    topk: float | None = 0.211
+    topk_mode: str = "batch"
+    exact_topk: bool = False
+    distil_from_target: bool = False
+    c_faith: float | None = 1.0
+    c_topk: float | None = 1.0
+    c_act: float | None = None
+    c_schatten: float | None = 0.7
+    c_lp: float | None = None
+    c_out: float | None = None
+    schatten_p: float = 1.0
+    lp_p: float = 1.0
+    attribution: str = "gradient_apd"
+    act_sites: tuple[str, ...] = ()
+    act_relu: bool = False
+    unit_norm: bool = False
+    init_gain: float = 1.0
+    init_fan_instances: int = 12
+    steps_per_call: int = 200
+    eval_size: int = 10_000
+    checkpoint_every: int = 2000
+    success_mmcs: float = 0.998
+    success_ml2r: tuple[float, float] = (0.89, 1.02)
+
+    def __post_init__(self):
+        for name in ("C", "batch_size", "steps_per_call", "eval_size"):
+            check_positive("APDConfig", name, getattr(self, name), integer=True)
+        if self.steps < 0:
+            raise fail("APDConfig", "steps", ">= 0", self.steps)
+        if self.m is not None:
+            check_positive("APDConfig", "m", self.m, integer=True)
+        check_positive("APDConfig", "lr", self.lr)
+        check_in("APDConfig", "attribution", self.attribution, apd.ATTRIBUTIONS)
+        check_in("APDConfig", "topk_mode", self.topk_mode, ("batch", "sample"))
+        if self.topk is not None:
+            check_positive("APDConfig", "topk", self.topk)
+            if self.topk_mode == "batch" and int(self.topk * self.batch_size) < 1:
+                raise fail("APDConfig", "topk", "k with floor(k * batch_size) >= 1",
+                           f"k={self.topk}, batch_size={self.batch_size}")
+        if not self.paths:
+            raise fail("APDConfig", "paths", "at least one weight path", self.paths)
+
+    def loss_config(self) -> apd.APDLossConfig:
+        return apd.APDLossConfig(
+            topk=self.topk, topk_mode=self.topk_mode, exact_topk=self.exact_topk,
+            distil_from_target=self.distil_from_target, c_faith=self.c_faith,
+            c_topk=self.c_topk, c_act=self.c_act, c_schatten=self.c_schatten,
+            c_lp=self.c_lp, c_out=self.c_out, schatten_p=self.schatten_p, lp_p=self.lp_p,
+            attribution=self.attribution, act_sites=tuple(self.act_sites),
+            act_relu=self.act_relu)
+
+
+_RESID_SITES = lambda n: tuple(f".layers[{i}].mlp_in" for i in range(n))  # noqa: E731
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tms-5-2": {},
+    "tms-40-10": dict(C=50, m=11, lr=1e-3, schedule="quarter_cosine", topk=1.0, c_topk=10.0,
+                      c_schatten=20.0, schatten_p=0.9, attribution="gradient",
+                      init_fan_instances=3, success_mmcs=0.996, success_ml2r=(0.93, 1.02)),
+    "resid-mlp-1": dict(paths=resid_paths(1), C=130, m=50, batch_size=256, steps=40_000,
+                        lr=1e-3, schedule="quarter_cosine", warmup_frac=0.01, topk=1.28,
+                        c_topk=1.0, c_act=1.0, c_schatten=10.0, schatten_p=0.9,
+                        attribution="gradient", act_sites=_RESID_SITES(1), act_relu=True,
+                        unit_norm=True, init_gain=2.0, init_fan_instances=1),
+    "resid-mlp-2": dict(paths=resid_paths(2), C=200, m=25, batch_size=256, steps=10_000,
+                        lr=1e-3, schedule="quarter_cosine", warmup_frac=0.01, topk=1.28,
+                        c_topk=2.0, c_act=1.0, c_schatten=7.0, schatten_p=0.9,
+                        attribution="gradient", act_sites=_RESID_SITES(2), act_relu=True,
+                        init_gain=2.0, init_fan_instances=1),
+}
+# APD is reported to fail on the identity variants (paper, SPD paper): run with the
+# plain TMS presets, only to document it.
+PRESETS["tms-5-2-id"] = {**PRESETS["tms-5-2"], "paths": TMS_ID_PATHS}
+PRESETS["tms-40-10-id"] = {**PRESETS["tms-40-10"], "paths": TMS_ID_PATHS}
+
+
+def apd_config(target: str, **overrides: Any) -> APDConfig:
+    """The paper preset for ``target`` with ``overrides`` applied."""
+    if target not in PRESETS:
+        raise fail("apd_config", "target", f"one of {sorted(PRESETS)}", repr(target))
+    fields = {f.name for f in dataclasses.fields(APDConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise fail("apd_config", "overrides", "fields of APDConfig", bad)
+    return APDConfig(**{**PRESETS[target], **overrides})
+
+
+@dataclasses.dataclass
+class APDResult:
+    """Trained components (leading ``seeds`` axis), the target, and per-seed metrics."""
+
+    components: apd.APDComponents
+    config: APDConfig
+    seeds: list[int]
+    metrics: dict[str, Any]
+    seed_metrics: list[dict[str, Any]]
+    history: dict[str, np.ndarray]
+    model: Any
+    target_cfg: Any
+
+
+def _index(t: Any, i: int) -> Any:
+    return jax.tree_util.tree_map(lambda v: v[i], t)
+
+
+def _inputs(batch: Any) -> jax.Array:
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+
+def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfig,
+              seeds: list[int], *, out: str | Path | None = None, progress: bool = True,
+              resume: bool = True) -> APDResult:
+    """Decompose ``model`` (one trained toy target) with APD, all ``seeds`` in one vmapped
+    run, then evaluate every seed.
+
+    Args:
+        model: the trained target (an equinox module; one example per call).
+        target, target_cfg: its :class:`~jaxinterp.models.base.ToyTarget` and config
+            (for the data sampler and the target's own loss).
+        cfg: APD settings.
+        seeds: APD seeds (init and data); vmapped.
+        out: run directory (config.json, metrics.json, components.eqx, plots), or None.
+        progress, resume: progress bar; resume from ``out/checkpoint.eqx``.
+    """
+    if not seeds:
+        raise fail("train_apd", "seeds", "at least one seed", seeds)
+    t = from_equinox(model)
+    apply, params = t.apply, t.params
+    for path in cfg.paths:
+        try:
+            tree.get(params, path)
+        except ValueError as e:
+            raise fail("train_apd", "paths", "weight paths of the target",
+                       repr(path), str(e)) from None
+    dcfg = dataclasses.replace(target_cfg, batch_size=cfg.batch_size)
+    x0 = _inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
+    sites = apd.make_sites(apply, params, x0, cfg.paths)
+    m = cfg.m or min(min(tree.get(params, p).shape) for p in cfg.paths)
+    keys = jnp.stack([seed_key(s) for s in seeds])
+
+    def init(k):
+        comps = apd.init_components(params, cfg.paths, cfg.C, m, gain=cfg.init_gain,
+                                    fan_instances=cfg.init_fan_instances,
+                                    key=stream_key(k, Stream.INIT))
+        return apd.normalize_columns(comps) if cfg.unit_norm else comps
+
+    comps = jax.vmap(init)(keys)
+    opt = make_optimizer("adam", cfg.lr, cfg.steps, schedule=cfg.schedule,
+                         warmup_frac=cfg.warmup_frac)
+    if cfg.unit_norm:
+        opt = optax.chain(apd.unit_norm_columns(), opt, apd.renormalize_columns())
+    lcfg = cfg.loss_config()
+
+    def loss_fn(c, p, batch):
+        return apd.apd_loss(c, p, _inputs(batch), apply=apply, sites=sites, cfg=lcfg)
+
+    def sample_fn(_, k, step):
+        return target.sample(dcfg, None, k, step)
+
+    run_dir = Path(out) if out is not None else None
+    header = {"method": "apd", "target": target.name, "config": dataclasses.asdict(cfg),
+              "seeds": list(seeds)}
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        io.write_json(run_dir / "config.json", header)
+    t0 = time.perf_counter()
+    result = fit(loss_fn, comps, params, opt, sample_fn, steps=cfg.steps, key=keys,
+                 seeds=True, frozen_axis=None, steps_per_call=min(cfg.steps_per_call,
+                                                                  max(cfg.steps, 1)),
+                 checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every,
+                 resume=resume, header=header, progress=progress, desc=f"apd {target.name}")
+    wall = time.perf_counter() - t0
+    comps = result.params
+    seed_metrics = []
+    for i, s in enumerate(seeds):
+        mi = evaluate_apd(_index(comps, i), model, apply, params, sites, target, target_cfg,
+                          cfg, key=stream_key(seed_key(s), Stream.EVAL))
+        final = {("train_mean_active" if k == "n_active" else f"loss/{k}"): float(v[-1, i])
+                 for k, v in result.history.items() if k != "step" and len(v)}
+        seed_metrics.append({"seed": s, **mi, **final})
+    metrics = _summarise(seed_metrics, cfg, result, wall)
+    res = APDResult(comps, cfg, list(seeds), metrics, seed_metrics, result.history, model,
+                    target_cfg)
+    if run_dir is not None:
+        io.save_tree(run_dir / "components.eqx", comps, {**header, "m": m})
+        io.write_json(run_dir / "metrics.json", metrics)
+        from .apd_plots import plot_apd
+
+        plot_apd(res, sites, run_dir)
+    return res
+
+
+def _summarise(seed_metrics: list[dict], cfg: APDConfig, result: Any, wall: float) -> dict:
+    first = seed_metrics[0]
+    out = {k: v for k, v in first.items() if not isinstance(v, list | dict)}
+    out.update({"seeds": [m["seed"] for m in seed_metrics], "steps": int(result.step),
+                "wall_time_s": wall,
+                "time_per_step_ms": 1e3 * result.wall_time / max(result.step, 1)})
+    if "mmcs" in first:
+        lo, hi = cfg.success_ml2r
+        ok = [m["mmcs"] >= cfg.success_mmcs and lo <= m["ml2r"] <= hi for m in seed_metrics]
+        out["success_rate"] = float(np.mean(ok))
+        out["seed_success"] = ok
+    out["per_seed"] = seed_metrics
+    return out
+
+
+def load_or_train_target(name: str, target_dir: str | Path | None, *, progress: bool = True
+                         ) -> tuple[Any, Any, base.ToyTarget]:
+    """The trained target from ``target_dir``, or from the cache ``runs/targets/NAME-seed0``
+    (trained on its default recipe, seed 0, if missing)."""
+    if target_dir is not None:
+        model, tcfg, target = base.load_target(target_dir)
+        if target.name != name:
+            raise fail("load_or_train_target", "target_dir", f"a run of {name!r}",
+                       f"a run of {target.name!r}")
+        return model, tcfg, target
+    cache = Path("runs") / "targets" / f"{name}-seed0"
+    if (cache / base.MODEL_FILE).exists():
+        return base.load_target(cache)
+    r = base.train_target(name, out=cache, progress=progress)
+    return r.model, r.config, base.get_target(name)
+
+
+def run_method(target_name: str, *, seeds: list[int], steps: int | None, out: str | None,
+               target_dir: str | None, overrides: dict[str, Any], progress: bool
+               ) -> dict[str, Any]:
+    """``jaxinterp run apd TARGET``: load or train the target, decompose, write the run."""
+    if steps is not None:
+        overrides = {**overrides, "steps": steps}
+    cfg = apd_config(target_name, **_coerce(overrides))
+    model, tcfg, target = load_or_train_target(target_name, target_dir, progress=progress)
+    seed_tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
+    out = out or f"runs/apd-{target_name}-{seed_tag}"
+    res = train_apd(model, target, tcfg, cfg, seeds, out=out, progress=progress)
+    print(f"run directory: {out}")
+    return res.metrics
+
+
+_INT_FIELDS = ("m", "C", "steps", "batch_size")
+
+
+def _coerce(overrides: dict[str, Any]) -> dict[str, Any]:
+    """CLI strings to the types of :class:`APDConfig` fields."""
+    types = {f.name: f.default for f in dataclasses.fields(APDConfig)}
+    out = {}
+    for k, v in overrides.items():
+        if k not in types:
+            raise fail("apd", f"--{k.replace('_', '-')}", "a field of APDConfig",
+                       "an unknown option", f"Known: {', '.join(sorted(types))}.")
+        d = types[k]
+        if not isinstance(v, str):
+            out[k] = v
+        elif v.lower() in ("none", "null"):
+            out[k] = None
+        elif isinstance(d, bool):
+            out[k] = v.lower() in ("1", "true", "yes")
+        elif k in _INT_FIELDS or (isinstance(d, int) and not isinstance(d, bool)):
+            out[k] = int(v)
+        elif isinstance(d, tuple):
+            out[k] = tuple(type(d[0])(s) if d else s for s in v.split(",") if s)
+        elif isinstance(d, float) or d is None:
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
+
+
+register_method(Method(
+    name="apd",
+    description="Attribution-based Parameter Decomposition (Braun et al. 2025)",
+    targets=tuple(PRESETS),
+    run=run_method,
+))
