@@ -299,12 +299,15 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
     Terms with coefficient None are not computed. Also returns ``n_active`` (mean number
     of active components per example) for logging.
     """
+    lp_mode = cfg.topk is None
+    # Only the L_p variant differentiates through the attributions; under top-k the mask
+    # is constant, so the attribution pass sees constant components (no tangents).
+    attr_comps = comps if lp_mode else jax.lax.stop_gradient(comps)
     attr, y_t, cache_t = jax.vmap(
-        lambda xx: attributions(apply, params, sites, comps, xx, kind=cfg.attribution))(x)
+        lambda xx: attributions(apply, params, sites, attr_comps, xx, kind=cfg.attribution))(x)
     b = x.shape[0]
     aux: dict[str, Array] = {}
     total = 0.0
-    lp_mode = cfg.topk is None
     if lp_mode:
         d_y = math.prod(sites.out_shape)
         mask = (attr / d_y + EPS) ** (cfg.lp_p / 2)
