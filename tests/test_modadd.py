@@ -219,7 +219,6 @@ def test_a_few_training_steps_reduce_the_loss_and_reload(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.skipif(not (FIXTURE / "model.eqx").exists(), reason="no modadd fixture")
 def test_fixture_is_grokked():
     model, cfg, target = ji.load_target(FIXTURE)
     assert target.name == "modadd" and cfg.seed == 0

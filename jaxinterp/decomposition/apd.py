@@ -290,6 +290,7 @@ class APDLossConfig(NamedTuple):
     attribution: str
     act_sites: tuple[str, ...]
     act_relu: bool
+    attr_chunk: int = 0
 
 
 def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
@@ -303,8 +304,14 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
     # Only the L_p variant differentiates through the attributions; under top-k the mask
     # is constant, so the attribution pass sees constant components (no tangents).
     attr_comps = comps if lp_mode else jax.lax.stop_gradient(comps)
-    attr, y_t, cache_t = jax.vmap(
-        lambda xx: attributions(apply, params, sites, attr_comps, xx, kind=cfg.attribution))(x)
+    def attr_one(xx):
+        return attributions(apply, params, sites, attr_comps, xx, kind=cfg.attribution)
+
+    if cfg.attr_chunk and cfg.attr_chunk < x.shape[0]:
+        # Chunks that fit in cache are faster than one huge vmap on CPU (large-d sites).
+        attr, y_t, cache_t = jax.lax.map(attr_one, x, batch_size=cfg.attr_chunk)
+    else:
+        attr, y_t, cache_t = jax.vmap(attr_one)(x)
     b = x.shape[0]
     aux: dict[str, Array] = {}
     total = 0.0
