@@ -319,3 +319,28 @@ def test_apd_tms_reaches_paper_numbers(name, tmp_path):
         assert res.metrics["success_rate"] > 0, [(m["mmcs"], m["ml2r"])
                                                  for m in res.seed_metrics]
         assert dataclasses.asdict(cfg)["C"] in (5, 50)
+
+
+def test_lp_variant_loss_and_gradient_through_attributions(getkey):
+    _, _, t, paths, sites, _ = case("tms-5-2", getkey)
+    comps = random_components(t, paths, 4, 3, getkey())
+    x = jax.random.uniform(getkey(), (6, 5), jnp.float64)
+    lcfg = apd_config("tms-5-2", topk=None, c_topk=None, c_lp=7.0, c_schatten=1.0,
+                      lp_p=0.9, attribution="gradient").loss_config()
+    total, aux = apd.apd_loss(comps, t.params, x, apply=t.apply, sites=sites, cfg=lcfg)
+    attr = np.asarray(jax.vmap(lambda xx: apd.attributions(t.apply, t.params, sites, comps,
+                                                           xx)[0])(x))
+    s = (attr / 5 + 1e-16) ** 0.45
+    np.testing.assert_allclose(aux["lp"], np.mean(s.sum(-1)), rtol=1e-9)
+    expect = (aux["faithfulness"] + 7.0 * aux["lp"]
+              + apd.schatten_loss(comps, sites, jnp.asarray(s), 1.0))
+    np.testing.assert_allclose(total, expect, rtol=1e-9)
+    assert "topk_recon" not in aux
+    # The L_p term is differentiable through the attributions (finite differences).
+    lp = lambda c: apd.apd_loss(c, t.params, x, apply=t.apply, sites=sites, cfg=lcfg)[1]["lp"]
+    g = jax.grad(lp)(comps).A[".W_enc"]
+    eps = 1e-6
+    bump = lambda d: apd.APDComponents({".W_enc": comps.A[".W_enc"].at[1, 2, 0].add(d)},
+                                       comps.B)
+    fd = (lp(bump(eps)) - lp(bump(-eps))) / (2 * eps)
+    np.testing.assert_allclose(g[1, 2, 0], fd, rtol=1e-5)
