@@ -170,6 +170,7 @@ class APDResult:
     history: dict[str, np.ndarray]
     model: Any
     target_cfg: Any
+    plots: list[str] = dataclasses.field(default_factory=list)
 
 
 def _index(t: Any, i: int) -> Any:
@@ -260,7 +261,7 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
         io.write_json(run_dir / "metrics.json", metrics)
         from .apd_plots import plot_apd
 
-        plot_apd(res, sites, run_dir)
+        res.plots = [str(p) for p in plot_apd(res, sites, run_dir) if p is not None]
     return res
 
 
@@ -307,7 +308,9 @@ def run_method(target_name: str, *, seeds: list[int], steps: int | None, out: st
     seed_tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
     out = out or f"runs/apd-{target_name}-{seed_tag}"
     res = train_apd(model, target, tcfg, cfg, seeds, out=out, progress=progress)
-    print(f"run directory: {out}")
+    print(f"\nrun directory: {out}  (config.json, metrics.json, components.eqx)")
+    if res.plots:
+        print("plots: " + ", ".join(res.plots))
     return res.metrics
 
 
