@@ -344,3 +344,22 @@ def test_lp_variant_loss_and_gradient_through_attributions(getkey):
                                        comps.B)
     fd = (lp(bump(eps)) - lp(bump(-eps))) / (2 * eps)
     np.testing.assert_allclose(g[1, 2, 0], fd, rtol=1e-5)
+
+
+def test_resid_run_reports_features_carried_and_scrubbing(tmp_path):
+    with jax.enable_x64(False):
+        target = ji.get_target("resid-mlp-1")
+        tcfg = target.config(d_resid=64, steps=50, n_seeds=1, eval_size=1000)
+        model = ji.train_target(target, tcfg, progress=False, plots=False).model
+        cfg = apd_config("resid-mlp-1", C=20, m=4, steps=20, steps_per_call=10,
+                         eval_size=512, batch_size=128)
+        res = train_apd(model, target, tcfg, cfg, [0], out=tmp_path, progress=False)
+        m = res.seed_metrics[0]
+        for key in ("features_carried", "components_mono", "scrubbed_mse",
+                    "anti_scrubbed_mse", "neuron_contribution_pearson_r", "target_mse",
+                    "topk_recon_mse", "loss/act_recon"):
+            assert key in m and np.isfinite(m[key]), key
+        kinds = ("components_dead", "components_mono", "components_duo", "components_poly")
+        assert sum(m[k] for k in kinds) == 20
+        assert 0 <= m["features_carried"] <= 100
+        assert (tmp_path / "components_layers0_mlp_in.png").exists()
