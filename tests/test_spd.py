@@ -1,0 +1,162 @@
+"""SPD core: squashing functions and the gated custom VJP, exact reproduction with unit
+masks, routing, the vmapped layerwise loss against a loop, loss formulas against numpy,
+gradient routing into V through the CI path, and the projection init."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinterp as ji
+from jaxinterp.decomposition import apd, spd
+from jaxinterp.decomposition.weights import forward_sites
+
+RESID_PATHS = (".layers[0].mlp_in", ".layers[0].mlp_out", ".layers[1].mlp_in",
+               ".layers[1].mlp_out")
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def to64(t):
+    return jax.tree_util.tree_map(
+        lambda v: v.astype(jnp.float64) if eqx.is_inexact_array(v) else v, t)
+
+
+def case(name, getkey):
+    target = ji.get_target("resid-mlp-2" if name == "resid" else name)
+    cfg = target.config(**({"d_resid": 12, "n_features": 10} if name == "resid" else {}))
+    model = to64(target.init(cfg, getkey()))
+    t = ji.target.from_equinox(model)
+    paths = RESID_PATHS if name == "resid" else (
+        (".W_enc", ".hidden[0]") if name.endswith("id") else (".W_enc",))
+    x = jax.random.uniform(getkey(), (6, cfg.n_features), jnp.float64)
+    sites = apd.make_sites(t.apply, t.params, x[0], paths)
+    return model, t, sites, x
+
+
+def exact(t, sites):
+    """Factors with V @ U == W exactly (V = I, U = W) and zero CI MLPs."""
+    V, U = {}, {}
+    for p in sites.paths:
+        W = ji.tree.get(t.params, p)
+        V[p], U[p] = jnp.eye(W.shape[0]), W
+    ci = {}
+    for s in sites.names:
+        c = V[s.removesuffix(":T")].shape[1]
+        ci[s] = spd.CIParams(jnp.zeros((c, 4)), jnp.zeros((c, 4)), jnp.zeros((c, 4)),
+                             jnp.zeros(c))
+    return spd.SPDComponents(V, U, ci)
+
+
+def test_squashing_functions_values_and_gradients():
+    z = jnp.array([-2.0, -0.5, 0.25, 0.75, 1.5, 3.0])
+    np.testing.assert_allclose(spd.lower_leaky_hard_sigmoid(z),
+                               [-0.02, -0.005, 0.25, 0.75, 1.0, 1.0])
+    np.testing.assert_allclose(spd.upper_leaky_hard_sigmoid(z),
+                               [0.0, 0.0, 0.25, 0.75, 1.005, 1.02])
+    gl = jax.vmap(jax.grad(spd.lower_leaky_hard_sigmoid))(z)
+    gu = jax.vmap(jax.grad(spd.upper_leaky_hard_sigmoid))(z)
+    np.testing.assert_allclose(gl, [0.01, 0.01, 1, 1, 0, 0])
+    np.testing.assert_allclose(gu, [0, 0, 1, 1, 0.01, 0.01])
+    # Finite differences on the open intervals.
+    for f in (spd.lower_leaky_hard_sigmoid, spd.upper_leaky_hard_sigmoid):
+        for z0 in (-0.7, 0.4, 2.2):
+            fd = (f(z0 + 1e-6) - f(z0 - 1e-6)) / 2e-6
+            np.testing.assert_allclose(jax.grad(f)(z0), fd, rtol=1e-6)
+
+
+def test_gated_custom_vjp_forward_clamps_and_gates_the_leak_by_sign():
+    z = jnp.array([-1.0, -1.0, 0.5, 2.0])
+    np.testing.assert_allclose(spd.gated_lower_leaky_hard_sigmoid(z), [0, 0, 0.5, 1])
+    _, vjp = jax.vjp(spd.gated_lower_leaky_hard_sigmoid, z)
+    (g,) = vjp(jnp.array([-3.0, 3.0, 2.0, 5.0]))
+    # leak only where the upstream gradient is negative (descent then raises z)
+    np.testing.assert_allclose(g, [-0.03, 0.0, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("name", ["tms-5-2", "tms-5-2-id", "resid"])
+def test_unit_masks_with_exact_factors_reproduce_the_target(name, getkey):
+    _, t, sites, x = case(name, getkey)
+    comps = exact(t, sites)
+    assert float(spd.faithfulness_loss(t.params, comps, sites)) < 1e-28
+    ones = {s: jnp.ones(comps.site_factors(s)[0].shape[1]) for s in sites.names}
+    for xx in x:
+        y_t = t.apply(t.params, xx)
+        np.testing.assert_allclose(spd.spd_forward(t.apply, t.params, sites, comps, xx, ones),
+                                   y_t, atol=1e-12)
+        # random masks but every site routed out: exactly the target
+        rnd = {s: jax.random.uniform(getkey(), v.shape) for s, v in ones.items()}
+        off = {s: jnp.asarray(False) for s in sites.names}
+        np.testing.assert_array_equal(
+            spd.spd_forward(t.apply, t.params, sites, comps, xx, rnd, off), y_t)
+
+
+def test_layerwise_loss_equals_a_loop_over_sites_and_loss_formulas(getkey):
+    model, t, sites, x = case("tms-5-2-id", getkey)
+    comps = to64(spd.init_spd(t.params, sites, 6, 4, key=getkey()))
+    key = getkey()
+    cfg = spd.SPDLossConfig(c_faith=1.0, c_stoch=1.0, c_layerwise=1.0, c_imp=3e-3, p=1.0,
+                            gated=False)
+    total, aux = spd.spd_loss(comps, t.params, x, key, apply=t.apply, sites=sites, cfg=cfg)
+    y_t, cache = jax.vmap(lambda xx: forward_sites(t.apply, t.params, xx, sites.paths))(x)
+    g, g_up = jax.vmap(lambda c: spd.causal_importances(
+        comps, {s: a for s, (a, _) in c.items()}))(cache)
+    masks = spd.stochastic_masks(g, jax.random.fold_in(key, 1))
+    per_site = []
+    for s in sites.names:
+        routes = {r: jnp.asarray(r == s) for r in sites.names}
+        y = jnp.stack([spd.spd_forward(t.apply, t.params, sites, comps, x[b],
+                                       {k: v[b] for k, v in masks.items()}, routes)
+                       for b in range(x.shape[0])])
+        per_site.append(float(jnp.mean((y - y_t) ** 2)))
+    assert len(per_site) == 3  # encoder, identity, tied decoder
+    np.testing.assert_allclose(aux["layerwise_recon"], np.mean(per_site), rtol=1e-10)
+    # faithfulness (tied counts twice) and importance minimality by numpy
+    W, Hd = np.asarray(model.W_enc), np.asarray(model.hidden[0])
+    r_enc = W - np.asarray(comps.V[".W_enc"] @ comps.U[".W_enc"])
+    r_id = Hd - np.asarray(comps.V[".hidden[0]"] @ comps.U[".hidden[0]"])
+    lf = (2 * np.sum(r_enc**2) + np.sum(r_id**2)) / (2 * W.size + Hd.size)
+    np.testing.assert_allclose(aux["faithfulness"], lf, rtol=1e-10)
+    limp = sum(np.mean(np.sum((np.asarray(v) + 1e-12) ** 1.0, -1)) for v in g_up.values())
+    np.testing.assert_allclose(aux["importance_minimality"], limp, rtol=1e-10)
+    expect = (aux["faithfulness"] + aux["stochastic_recon"] + aux["layerwise_recon"]
+              + 3e-3 * aux["importance_minimality"])
+    np.testing.assert_allclose(total, expect, rtol=1e-10)
+
+
+def test_gradients_reach_V_through_the_ci_path(getkey):
+    _, t, sites, x = case("resid", getkey)
+    comps = to64(spd.init_spd(t.params, sites, 5, 4, key=getkey()))
+    cfg = spd.SPDLossConfig(None, None, None, 1.0, 2.0, False)
+    g = jax.grad(lambda c: spd.spd_loss(c, t.params, x, getkey(), apply=t.apply,
+                                        sites=sites, cfg=cfg)[0])(comps)
+    assert float(jnp.abs(g.V[".layers[0].mlp_in"]).sum()) > 0  # only via CI(h = a V)
+    assert float(jnp.abs(g.U[".layers[0].mlp_in"]).sum()) == 0
+    # With every term on, U gets gradient too, and the CI MLPs do.
+    full = spd.SPDLossConfig(1.0, 1.0, 1.0, 1e-5, 2.0, False)
+    g2 = jax.grad(lambda c: spd.spd_loss(c, t.params, x, getkey(), apply=t.apply,
+                                         sites=sites, cfg=full)[0])(comps)
+    assert float(jnp.abs(g2.U[".layers[1].mlp_out"]).sum()) > 0
+    assert float(jnp.abs(g2.ci[".layers[1].mlp_out"].w_out).sum()) > 0
+
+
+def test_projection_init(getkey):
+    _, t, sites, _ = case("tms-5-2", getkey)
+    comps = spd.init_spd(t.params, sites, 20, 16, key=getkey())
+    V, U = np.asarray(comps.V[".W_enc"]), np.asarray(comps.U[".W_enc"])
+    W = np.asarray(ji.tree.get(t.params, ".W_enc"))
+    np.testing.assert_allclose(np.linalg.norm(V, axis=0), 1.0, rtol=1e-6)
+    u_hat = U / np.linalg.norm(U, axis=1, keepdims=True)
+    kappa = np.einsum("ic,io,co->c", V, W, u_hat)
+    np.testing.assert_allclose(np.abs(np.linalg.norm(U, axis=1)), np.abs(kappa), rtol=1e-5)
+    assert set(comps.ci) == {".W_enc", ".W_enc:T"}
+    assert comps.ci[".W_enc"].w_in.shape == (20, 16)
+    with pytest.raises(ValueError, match="hidden"):
+        spd.init_spd(t.params, sites, 20, 0, key=getkey())
+    with pytest.raises(ValueError, match="C"):
+        spd.init_spd(t.params, sites, 0, 4, key=getkey())
