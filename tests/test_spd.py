@@ -160,3 +160,28 @@ def test_projection_init(getkey):
         spd.init_spd(t.params, sites, 20, 0, key=getkey())
     with pytest.raises(ValueError, match="C"):
         spd.init_spd(t.params, sites, 0, 4, key=getkey())
+
+
+def test_train_spd_multi_seed_writes_metrics_and_plots(tmp_path):
+    from jaxinterp.decomposition import spd_config, train_spd
+
+    with jax.enable_x64(False):
+        target = ji.get_target("tms-5-2-id")
+        tcfg = target.config(steps=300, n_seeds=1)
+        model = ji.train_target(target, tcfg, progress=False, plots=False).model
+        cfg = spd_config("tms-5-2-id", steps=40, steps_per_call=20, batch_size=256,
+                         eval_size=512)
+        res = train_spd(model, target, tcfg, cfg, [0, 1], out=tmp_path, progress=False)
+        loss = res.history["loss"]
+        assert loss.shape == (40, 2) and np.all(np.isfinite(loss))
+        m = res.metrics
+        for key in ("mmcs", "ml2r", "identity_ci_error", "ci_l0", "success_rate",
+                    "loss/faithfulness", "loss/stochastic_recon", "loss/layerwise_recon",
+                    "loss/importance_minimality", "unmasked_recon_mse"):
+            assert key in m, key
+        assert set(m["identity_ci_error"]) == {".W_enc", ".hidden[0]", ".W_enc:T", "total"}
+        assert len(m["per_seed"]) == 2 and m["seeds"] == [0, 1]
+        for png in ("loss.png", "ci_W_enc.png", "ci_W_enc_T.png", "ci_hidden0.png"):
+            assert (tmp_path / png).exists(), png
+        with pytest.raises(ValueError, match="overrides"):
+            spd_config("tms-5-2", n_components=3)

@@ -2,7 +2,13 @@
 
 from . import apd as apd
 from . import apd_run as apd_run
+from . import spd as spd
+from . import spd_metrics as spd_metrics
+from . import spd_run as spd_run
 from . import weights as weights
 from .apd_run import APDConfig as APDConfig
 from .apd_run import apd_config as apd_config
 from .apd_run import train_apd as train_apd
+from .spd_run import SPDConfig as SPDConfig
+from .spd_run import spd_config as spd_config
+from .spd_run import train_spd as train_spd

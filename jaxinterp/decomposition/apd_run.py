@@ -303,7 +303,7 @@ def run_method(target_name: str, *, seeds: list[int], steps: int | None, out: st
     """``jaxinterp run apd TARGET``: load or train the target, decompose, write the run."""
     if steps is not None:
         overrides = {**overrides, "steps": steps}
-    cfg = apd_config(target_name, **_coerce(overrides))
+    cfg = apd_config(target_name, **coerce_overrides(overrides))
     model, tcfg, target = load_or_train_target(target_name, target_dir, progress=progress)
     seed_tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
     out = out or f"runs/apd-{target_name}-{seed_tag}"
@@ -317,13 +317,16 @@ def run_method(target_name: str, *, seeds: list[int], steps: int | None, out: st
 _INT_FIELDS = ("m", "C", "steps", "batch_size", "attr_chunk")
 
 
-def _coerce(overrides: dict[str, Any]) -> dict[str, Any]:
-    """CLI strings to the types of :class:`APDConfig` fields."""
-    types = {f.name: f.default for f in dataclasses.fields(APDConfig)}
+def coerce_overrides(overrides: dict[str, Any], cls: type | None = None, method: str = "apd",
+                     int_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """CLI strings to the types of the fields of the config dataclass ``cls``."""
+    cls = cls or APDConfig
+    int_fields = int_fields or _INT_FIELDS
+    types = {f.name: f.default for f in dataclasses.fields(cls)}
     out = {}
     for k, v in overrides.items():
         if k not in types:
-            raise fail("apd", f"--{k.replace('_', '-')}", "a field of APDConfig",
+            raise fail(method, f"--{k.replace('_', '-')}", f"a field of {cls.__name__}",
                        "an unknown option", f"Known: {', '.join(sorted(types))}.")
         d = types[k]
         if not isinstance(v, str):
@@ -332,7 +335,7 @@ def _coerce(overrides: dict[str, Any]) -> dict[str, Any]:
             out[k] = None
         elif isinstance(d, bool):
             out[k] = v.lower() in ("1", "true", "yes")
-        elif k in _INT_FIELDS or (isinstance(d, int) and not isinstance(d, bool)):
+        elif k in int_fields or (isinstance(d, int) and not isinstance(d, bool)):
             out[k] = int(v)
         elif isinstance(d, tuple):
             out[k] = tuple(type(d[0])(s) if d else s for s in v.split(",") if s)

@@ -1,0 +1,283 @@
+"""SPD evaluation (``specs/spd.md`` section 5): IdentityCIError and its dense(k) variant, CI-L0,
+the column order of the CI heat-map, subcomponent norms and the non-negligible count, and MMCS /
+ML2R of the best-matching rank-one subcomponent against the TMS encoder.
+
+Everything here is plain NumPy/SciPy on already-computed arrays (causal importances ``G`` or
+``g``, component factors ``V`` and ``U``), so it runs on host after training, in float64.
+
+References:
+    Bushnaq, Braun, Sharkey 2025, "Stochastic Parameter Decomposition" (arXiv 2506.20790).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import linear_sum_assignment
+
+from .._checks import fail
+
+__all__ = [
+    "identity_ci_error",
+    "dense_ci_error",
+    "ci_l0",
+    "permute_columns_for_heatmap",
+    "subcomponent_norms",
+    "n_non_negligible",
+    "spd_mmcs_ml2r",
+]
+
+_GREEDY_FROM = 500  # min(F, C) at which identity_ci_error switches to greedy matching
+
+
+def _matrix(fn: str, arg: str, x: ArrayLike, shape: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.size == 0:
+        raise fail(fn, arg, f"a non-empty matrix of shape {shape}", f"shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise fail(fn, arg, "finite entries", f"{np.sum(~np.isfinite(a))} non-finite entries")
+    return a
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def _check_tol(fn: str, arg: str, tol: float) -> None:
+    if not _is_number(tol) or not (0.0 <= tol < 1.0):
+        raise fail(fn, arg, "a number in [0, 1)", tol)
+
+
+def _importances(fn: str, G: ArrayLike, tol: float) -> np.ndarray:
+    _check_tol(fn, "tol", tol)
+    return np.clip(_matrix(fn, "G", G, "(n_features, C)"), 0.0, 1.0)
+
+
+def _greedy_assignment(G: np.ndarray) -> np.ndarray:
+    """Largest remaining entry whose row and column are both free, until every row has one."""
+    F, C = G.shape
+    pi = np.full(F, -1, dtype=np.intp)
+    col_used = np.zeros(C, dtype=bool)
+    n_done = 0
+    for flat in np.argsort(-G, axis=None, kind="stable"):
+        i, c = divmod(int(flat), C)
+        if pi[i] < 0 and not col_used[c]:
+            pi[i], col_used[c] = c, True
+            n_done += 1
+            if n_done == F:
+                break
+    return pi
+
+
+def identity_ci_error(G: ArrayLike, tol: float = 0.1, *, greedy: bool | None = None) -> int:
+    """IdentityCIError: distance of ``G`` from the best one-subcomponent-per-feature pattern.
+
+    ``G`` is clipped to [0, 1]; the assignment ``pi`` of distinct columns to rows maximising
+    ``sum_i G[i, pi(i)]`` is found by Hungarian matching (or greedily). Then
+    ``errors = #{i : G[i, pi(i)] < 1 - tol} + #{(i, c) : c != pi(i), G[i, c] > tol}``.
+
+    Args:
+        G: causal importances of the one-hot inputs, ``(n_features, C)`` with ``C >= n_features``.
+        tol: tolerance in [0, 1); the paper reports 0.1 and 0.2.
+        greedy: ``True`` for greedy matching (repeatedly take the largest entry whose row and
+            column are both unused), ``False`` for Hungarian; ``None`` picks greedy when
+            ``min(n_features, C) >= 500``.
+
+    Returns:
+        The number of entries that violate the identity pattern (0 is perfect).
+
+    Raises:
+        ValueError: ``G`` is not a finite matrix, ``C < n_features``, or ``tol`` is out of range.
+    """
+    fn = "identity_ci_error"
+    G = _importances(fn, G, tol)
+    F, C = G.shape
+    if C < F:
+        raise fail(
+            fn,
+            "G",
+            "of shape (n_features, C) with C >= n_features",
+            f"shape {G.shape}",
+            "Each feature needs its own subcomponent; pass G with features as rows.",
+        )
+    if greedy is None:
+        greedy = min(F, C) >= _GREEDY_FROM
+    pi = _greedy_assignment(G) if greedy else linear_sum_assignment(G, maximize=True)[1]
+    rows = np.arange(F)
+    n_low = int(np.sum(G[rows, pi] < 1.0 - tol))
+    off = G > tol
+    off[rows, pi] = False
+    return n_low + int(np.sum(off))
+
+
+def dense_ci_error(G: ArrayLike, k: int, tol: float = 0.1) -> int:
+    """Dense(k) CIError: distance of ``G`` from "the same k subcomponents for every feature".
+
+    Columns are sorted by column sum, descending; then
+    ``errors = #{(i, c) : c in the first k, G[i, c] < 1 - tol}
+    + #{(i, c) : c not in the first k, G[i, c] > tol}``.
+
+    Args:
+        G: causal importances of the one-hot inputs, ``(n_features, C)``; clipped to [0, 1].
+        k: number of always-active subcomponents, ``1 <= k <= C``.
+        tol: tolerance in [0, 1).
+
+    Returns:
+        The number of entries that violate the dense(k) pattern.
+
+    Raises:
+        ValueError: ``G`` is not a finite matrix, or ``k`` or ``tol`` is out of range.
+    """
+    fn = "dense_ci_error"
+    G = _importances(fn, G, tol)
+    C = G.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= C:
+        raise fail(fn, "k", f"an integer in [1, C={C}]", k)
+    order = np.argsort(-G.sum(axis=0), kind="stable")
+    top, rest = G[:, order[:k]], G[:, order[k:]]
+    return int(np.sum(top < 1.0 - tol)) + int(np.sum(rest > tol))
+
+
+def ci_l0(g: ArrayLike, tau: float = 0.1) -> float:
+    """CI-L0: mean number of subcomponents with causal importance above ``tau``.
+
+    Args:
+        g: causal importances ``(..., C)``, e.g. ``(batch, C)`` or ``(batch, positions, C)``.
+        tau: threshold; 0.1 for the toy models.
+
+    Returns:
+        ``mean over the leading axes of #{c : g[..., c] > tau}`` (the count itself for 1-D g).
+
+    Raises:
+        ValueError: ``g`` is a scalar or empty, or ``tau`` is not a number.
+    """
+    a = np.asarray(g, dtype=np.float64)
+    if a.ndim == 0 or a.size == 0:
+        raise fail("ci_l0", "g", "a non-empty array of shape (..., C)", f"shape {a.shape}")
+    if not _is_number(tau):
+        raise fail("ci_l0", "tau", "a number", tau)
+    return float(np.mean(np.sum(a > tau, axis=-1)))
+
+
+def permute_columns_for_heatmap(G: ArrayLike) -> np.ndarray:
+    """Column order for the CI heat-map: iterative argmax without replacement.
+
+    Row by row, the not-yet-used column with the largest ``G[i, c]`` is taken (ties go to the
+    lowest index); the columns left over follow, by column sum descending.
+
+    Args:
+        G: causal importances of the one-hot inputs, ``(n_features, C)``.
+
+    Returns:
+        A permutation of ``range(C)``, shape ``(C,)``; plot ``G[:, order]``.
+
+    Raises:
+        ValueError: ``G`` is not a finite matrix.
+    """
+    G = _matrix("permute_columns_for_heatmap", "G", G, "(n_features, C)")
+    F, C = G.shape
+    used = np.zeros(C, dtype=bool)
+    order: list[int] = []
+    for i in range(min(F, C)):
+        c = int(np.argmax(np.where(used, -np.inf, G[i])))
+        order.append(c)
+        used[c] = True
+    rest = np.flatnonzero(~used)
+    rest = rest[np.argsort(-G[:, rest].sum(axis=0), kind="stable")]
+    return np.concatenate([np.asarray(order, dtype=np.intp), rest.astype(np.intp)])
+
+
+def _factors(fn: str, V: ArrayLike, U: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    V = _matrix(fn, "V", V, "(d_in, C)")
+    U = _matrix(fn, "U", U, "(C, d_out)")
+    if V.shape[1] != U.shape[0]:
+        raise fail(
+            fn, "U", f"of shape (C={V.shape[1]}, d_out) to match V {V.shape}", f"shape {U.shape}"
+        )
+    return V, U
+
+
+def subcomponent_norms(V: ArrayLike, U: ArrayLike) -> np.ndarray:
+    """Norms ``||V[:, c]|| * ||U[c, :]||`` of the rank-one subcomponents ``V[:, c] U[c, :]``.
+
+    Args:
+        V: ``(d_in, C)``.
+        U: ``(C, d_out)``.
+
+    Returns:
+        ``(C,)`` Frobenius norms of the subcomponent matrices.
+
+    Raises:
+        ValueError: the shapes do not agree or an entry is not finite.
+    """
+    V, U = _factors("subcomponent_norms", V, U)
+    return np.linalg.norm(V, axis=0) * np.linalg.norm(U, axis=1)
+
+
+def n_non_negligible(V: ArrayLike, U: ArrayLike, frac: float = 0.1) -> int:
+    """Number of subcomponents whose norm is ``>= frac`` times the module's largest.
+
+    Args:
+        V: ``(d_in, C)``.
+        U: ``(C, d_out)``.
+        frac: relative threshold in (0, 1].
+
+    Returns:
+        The count; 0 when every subcomponent is exactly zero.
+
+    Raises:
+        ValueError: the shapes do not agree, or ``frac`` is out of range.
+    """
+    if not _is_number(frac) or not (0.0 < frac <= 1.0):
+        raise fail("n_non_negligible", "frac", "a number in (0, 1]", frac)
+    norms = subcomponent_norms(V, U)
+    top = norms.max()
+    return 0 if top == 0.0 else int(np.sum(norms >= frac * top))
+
+
+def spd_mmcs_ml2r(W: ArrayLike, V: ArrayLike, U: ArrayLike) -> dict[str, float]:
+    """MMCS and ML2R of the best-matching subcomponent row for each TMS feature.
+
+    With ``w_j = W[j, :]`` and ``p_{c,j} = V[j, c] * U[c, :]``:
+    ``cos_{c,j} = p.w / (|p| |w| + 1e-12)``, ``c*(j) = argmax_c cos_{c,j}``,
+    ``MMCS = mean_j cos_{c*(j),j}`` and ``ML2R = mean_j |p_{c*(j),j}| / |w_j|``.
+
+    Args:
+        W: TMS encoder ``(n_features, d_hidden)``.
+        V: encoder factor ``(n_features, C)``.
+        U: encoder factor ``(C, d_hidden)``.
+
+    Returns:
+        ``{"mmcs", "mmcs_std", "ml2r", "ml2r_std"}``: means and (population) standard
+        deviations over features.
+
+    Raises:
+        ValueError: the shapes do not agree, or a row of ``W`` is zero.
+    """
+    fn = "spd_mmcs_ml2r"
+    W = _matrix(fn, "W", W, "(n_features, d_hidden)")
+    V, U = _factors(fn, V, U)
+    if V.shape[0] != W.shape[0] or U.shape[1] != W.shape[1]:
+        raise fail(
+            fn,
+            "V and U",
+            f"of shapes (n_features={W.shape[0]}, C) and "
+            f"(C, d_hidden={W.shape[1]}) to match W {W.shape}",
+            f"{V.shape} and {U.shape}",
+        )
+    w_norm = np.linalg.norm(W, axis=1)  # (F,)
+    if np.any(w_norm == 0.0):
+        raise fail(fn, "W", "rows of non-zero norm", f"{int(np.sum(w_norm == 0))} zero rows")
+    # p_{c,j} is never materialised: p.w = V[j,c] (U[c].w_j) and |p| = |V[j,c]| |U[c]|.
+    p_norm = np.abs(V) * np.linalg.norm(U, axis=1)[None, :]  # (F, C)
+    cos = V * (W @ U.T) / (p_norm * w_norm[:, None] + 1e-12)  # (F, C)
+    best = np.argmax(cos, axis=1)
+    rows = np.arange(W.shape[0])
+    best_cos = cos[rows, best]
+    ratio = p_norm[rows, best] / w_norm
+    return {
+        "mmcs": float(best_cos.mean()),
+        "mmcs_std": float(best_cos.std()),
+        "ml2r": float(ratio.mean()),
+        "ml2r_std": float(ratio.std()),
+    }
