@@ -12,21 +12,12 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from _common import matmul_flops
 
 import jaxinterp as ji
 from jaxinterp.models.base import init_models
 from jaxinterp.train import make_optimizer
 from jaxinterp.train.fit import TrainState, _make_chunk
-
-
-def matmul_flops(n: int = 1024, reps: int = 10) -> float:
-    a = jnp.ones((n, n))
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f(a).block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def bench(name: str, steps: int) -> tuple[float, float, int]:

@@ -1,0 +1,67 @@
+"""Time per SPD training step (importances, stochastic and layerwise masked passes,
+losses, Adam; one seed, jit-compiled, several steps per call via lax.scan) on the paper
+presets, next to the matmul FLOP/s this machine reaches in the same run. Numbers only.
+
+    python benchmarks/spd_step.py [--steps 10] [--presets tms-5-2,tms-40-10,resid-mlp-1]
+
+For orientation (issue 4): the PyTorch reference (float32) takes about 38 ms (tms-5-2),
+0.70 s (tms-40-10) and 0.21 s (resid-mlp-1) per step on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+from _common import matmul_flops
+
+import jaxinterp as ji
+from jaxinterp.decomposition import apd, spd, spd_config
+from jaxinterp.train import make_optimizer
+from jaxinterp.train.fit import TrainState, _make_chunk
+
+
+def bench(name: str, steps: int) -> float:
+    target = ji.get_target(name)
+    tcfg = target.config()
+    model = target.init(tcfg, jax.random.key(0))
+    cfg = spd_config(name)
+    t = ji.target.from_equinox(model)
+    dcfg = dataclasses.replace(tcfg, batch_size=cfg.batch_size)
+    x0 = target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0))[0]
+    sites = apd.make_sites(t.apply, t.params, x0, cfg.paths)
+    comps = spd.init_spd(t.params, sites, cfg.C, cfg.ci_hidden, key=jax.random.key(1))
+    opt = make_optimizer("adam", cfg.lr, cfg.steps, schedule=cfg.schedule)
+    lcfg = cfg.loss_config()
+    chunk = _make_chunk(
+        lambda c, p, b: spd.spd_loss(c, p, b[0], b[1], apply=t.apply, sites=sites, cfg=lcfg),
+        lambda d, k, s: (target.sample(dcfg, None, k, s), jax.random.fold_in(k, 3)),
+        opt, False, None)
+    state = TrainState(comps, opt.init(comps), jnp.asarray(0, jnp.int32))
+    out, _ = chunk(state, t.params, None, jax.random.key(2), steps)  # compile + warm-up
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    out, _ = chunk(out, t.params, None, jax.random.key(2), steps)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--presets", default="tms-5-2,tms-40-10,resid-mlp-1")
+    args = p.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}   matmul: {matmul_flops() / 1e9:.0f} GFLOP/s")
+    print(f"{'preset':<14}{'C':>5}{'batch':>7}{'ms/step':>10}{'steps/s':>9}")
+    for name in args.presets.split(","):
+        cfg = spd_config(name)
+        dt = bench(name, args.steps)
+        print(f"{name:<14}{cfg.C:>5}{cfg.batch_size:>7}{1e3 * dt:>10.1f}{1 / dt:>9.1f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
