@@ -185,3 +185,24 @@ def test_train_spd_multi_seed_writes_metrics_and_plots(tmp_path):
             assert (tmp_path / png).exists(), png
         with pytest.raises(ValueError, match="overrides"):
             spd_config("tms-5-2", n_components=3)
+
+
+def test_cli_run_spd(tmp_path, capsys):
+    import json
+
+    from jaxinterp.cli import main as cli_main
+
+    with jax.enable_x64(False):
+        tdir = tmp_path / "target"
+        assert cli_main(["train", "tms-5-2", "--steps", "200", "--n-seeds", "1", "--out",
+                         str(tdir), "--no-progress"]) == 0
+        out = tmp_path / "spd"
+        assert cli_main(["run", "spd", "tms-5-2", "--steps", "20", "--target", str(tdir),
+                         "--out", str(out), "--no-progress", "--steps-per-call", "10",
+                         "--batch-size", "256", "--eval-size", "512", "--c-imp", "0.01"]) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["steps"] == 20 and "identity_ci_error" in m
+        assert json.loads((out / "config.json").read_text())["config"]["c_imp"] == 0.01
+        assert "identity_ci_error" in capsys.readouterr().out
+        assert cli_main(["run", "spd", "tms-5-2", "--steps", "5", "--target", str(tdir),
+                         "--no-progress", "--topk", "1"]) == 2

@@ -27,6 +27,7 @@ from ..target import from_equinox
 from ..train import fit, make_optimizer
 from . import apd
 from .apd_metrics import evaluate_apd
+from .runs import batch_inputs, cli_runner, preset_config
 
 TMS_PATHS = (".W_enc",)
 TMS_ID_PATHS = (".W_enc", ".hidden[0]")
@@ -149,13 +150,7 @@ PRESETS["tms-40-10-id"] = {**PRESETS["tms-40-10"], "paths": TMS_ID_PATHS}
 
 def apd_config(target: str, **overrides: Any) -> APDConfig:
     """The paper preset for ``target`` with ``overrides`` applied."""
-    if target not in PRESETS:
-        raise fail("apd_config", "target", f"one of {sorted(PRESETS)}", repr(target))
-    fields = {f.name for f in dataclasses.fields(APDConfig)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise fail("apd_config", "overrides", "fields of APDConfig", bad)
-    return APDConfig(**{**PRESETS[target], **overrides})
+    return preset_config(APDConfig, PRESETS, "apd_config", target, overrides)
 
 
 @dataclasses.dataclass
@@ -175,11 +170,6 @@ class APDResult:
 
 def _index(t: Any, i: int) -> Any:
     return jax.tree_util.tree_map(lambda v: v[i], t)
-
-
-def _inputs(batch: Any) -> jax.Array:
-    return batch[0] if isinstance(batch, tuple) else batch
-
 
 
 def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfig,
@@ -208,7 +198,7 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
             raise fail("train_apd", "paths", "weight paths of the target",
                        repr(path), str(e)) from None
     dcfg = dataclasses.replace(target_cfg, batch_size=cfg.batch_size)
-    x0 = _inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
+    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
     sites = apd.make_sites(apply, params, x0, cfg.paths)
     m = cfg.m or min(min(tree.get(params, p).shape) for p in cfg.paths)
     keys = jnp.stack([seed_key(s) for s in seeds])
@@ -227,7 +217,7 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
     lcfg = cfg.loss_config()
 
     def loss_fn(c, p, batch):
-        return apd.apd_loss(c, p, _inputs(batch), apply=apply, sites=sites, cfg=lcfg)
+        return apd.apd_loss(c, p, batch_inputs(batch), apply=apply, sites=sites, cfg=lcfg)
 
     def sample_fn(_, k, step):
         return target.sample(dcfg, None, k, step)
@@ -280,75 +270,12 @@ def _summarise(seed_metrics: list[dict], cfg: APDConfig, result: Any, wall: floa
     return out
 
 
-def load_or_train_target(name: str, target_dir: str | Path | None, *, progress: bool = True
-                         ) -> tuple[Any, Any, base.ToyTarget]:
-    """The trained target from ``target_dir``, or from the cache ``runs/targets/NAME-seed0``
-    (trained on its default recipe, seed 0, if missing)."""
-    if target_dir is not None:
-        model, tcfg, target = base.load_target(target_dir)
-        if target.name != name:
-            raise fail("load_or_train_target", "target_dir", f"a run of {name!r}",
-                       f"a run of {target.name!r}")
-        return model, tcfg, target
-    cache = Path("runs") / "targets" / f"{name}-seed0"
-    if (cache / base.MODEL_FILE).exists():
-        return base.load_target(cache)
-    r = base.train_target(name, out=cache, progress=progress)
-    return r.model, r.config, base.get_target(name)
-
-
-def run_method(target_name: str, *, seeds: list[int], steps: int | None, out: str | None,
-               target_dir: str | None, overrides: dict[str, Any], progress: bool
-               ) -> dict[str, Any]:
-    """``jaxinterp run apd TARGET``: load or train the target, decompose, write the run."""
-    if steps is not None:
-        overrides = {**overrides, "steps": steps}
-    cfg = apd_config(target_name, **coerce_overrides(overrides))
-    model, tcfg, target = load_or_train_target(target_name, target_dir, progress=progress)
-    seed_tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
-    out = out or f"runs/apd-{target_name}-{seed_tag}"
-    res = train_apd(model, target, tcfg, cfg, seeds, out=out, progress=progress)
-    print(f"\nrun directory: {out}  (config.json, metrics.json, components.eqx)")
-    if res.plots:
-        print("plots: " + ", ".join(res.plots))
-    return res.metrics
-
-
 _INT_FIELDS = ("m", "C", "steps", "batch_size", "attr_chunk")
-
-
-def coerce_overrides(overrides: dict[str, Any], cls: type | None = None, method: str = "apd",
-                     int_fields: tuple[str, ...] = ()) -> dict[str, Any]:
-    """CLI strings to the types of the fields of the config dataclass ``cls``."""
-    cls = cls or APDConfig
-    int_fields = int_fields or _INT_FIELDS
-    types = {f.name: f.default for f in dataclasses.fields(cls)}
-    out = {}
-    for k, v in overrides.items():
-        if k not in types:
-            raise fail(method, f"--{k.replace('_', '-')}", f"a field of {cls.__name__}",
-                       "an unknown option", f"Known: {', '.join(sorted(types))}.")
-        d = types[k]
-        if not isinstance(v, str):
-            out[k] = v
-        elif v.lower() in ("none", "null"):
-            out[k] = None
-        elif isinstance(d, bool):
-            out[k] = v.lower() in ("1", "true", "yes")
-        elif k in int_fields or (isinstance(d, int) and not isinstance(d, bool)):
-            out[k] = int(v)
-        elif isinstance(d, tuple):
-            out[k] = tuple(type(d[0])(s) if d else s for s in v.split(",") if s)
-        elif isinstance(d, float) or d is None:
-            out[k] = float(v)
-        else:
-            out[k] = v
-    return out
 
 
 register_method(Method(
     name="apd",
     description="Attribution-based Parameter Decomposition (Braun et al. 2025)",
     targets=tuple(PRESETS),
-    run=run_method,
+    run=cli_runner("apd", apd_config, APDConfig, _INT_FIELDS, train_apd),
 ))

@@ -26,7 +26,8 @@ from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
 from ..train import fit, make_optimizer
 from . import apd, spd
-from .apd_run import TMS_ID_PATHS, TMS_PATHS, coerce_overrides, load_or_train_target, resid_paths
+from .apd_run import TMS_ID_PATHS, TMS_PATHS, resid_paths
+from .runs import batch_inputs, cli_runner, preset_config
 from .spd_metrics import (
     dense_ci_error,
     identity_ci_error,
@@ -105,13 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def spd_config(target: str, **overrides: Any) -> SPDConfig:
     """The paper preset for ``target`` with ``overrides`` applied."""
-    if target not in PRESETS:
-        raise fail("spd_config", "target", f"one of {sorted(PRESETS)}", repr(target))
-    fields = {f.name for f in dataclasses.fields(SPDConfig)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise fail("spd_config", "overrides", "fields of SPDConfig", bad)
-    return SPDConfig(**{**PRESETS[target], **overrides})
+    return preset_config(SPDConfig, PRESETS, "spd_config", target, overrides)
 
 
 @dataclasses.dataclass
@@ -125,10 +120,6 @@ class SPDResult:
     seed_metrics: list[dict[str, Any]]
     history: dict[str, np.ndarray]
     plots: list[str] = dataclasses.field(default_factory=list)
-
-
-def _inputs(batch: Any) -> jax.Array:
-    return batch[0] if isinstance(batch, tuple) else batch
 
 
 def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfig,
@@ -148,7 +139,7 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     t = from_equinox(model)
     apply, params = t.apply, t.params
     dcfg = dataclasses.replace(target_cfg, batch_size=cfg.batch_size)
-    x0 = _inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
+    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
     sites = apd.make_sites(apply, params, x0, cfg.paths)
     keys = jnp.stack([seed_key(s) for s in seeds])
     comps = jax.vmap(lambda k: spd.init_spd(params, sites, cfg.C, cfg.ci_hidden,
@@ -162,7 +153,7 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
         return spd.spd_loss(c, p, x, mask_key, apply=apply, sites=sites, cfg=lcfg)
 
     def sample_fn(_, k, step):
-        return _inputs(target.sample(dcfg, None, k, step)), stream_key(k, Stream.MASK)
+        return batch_inputs(target.sample(dcfg, None, k, step)), stream_key(k, Stream.MASK)
 
     run_dir = Path(out) if out is not None else None
     header = {"method": "spd", "target": target.name, "config": dataclasses.asdict(cfg),
@@ -195,7 +186,7 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     return res
 
 
-def _patterns(target: Any, sites: apd.Sites, params: Any) -> dict[str, tuple[str, int]]:
+def _patterns(sites: apd.Sites, params: Any) -> dict[str, tuple[str, int]]:
     """IdentityCIError pattern per site: ("identity", 0) or ("dense", k) (spec section 5)."""
     out = {}
     for s in sites.names:
@@ -231,7 +222,7 @@ def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
     """Every SPD metric of one seed (spec section 5)."""
     n_feat = target_cfg.n_features
     G = one_hot_importances(comps, apply, params, sites, n_feat, gated=cfg.gated)
-    pats = _patterns(target, sites, params)
+    pats = _patterns(sites, params)
     errs, errs02 = {}, {}
     for s, (kind, k) in pats.items():
         if kind == "identity":
@@ -244,7 +235,7 @@ def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
 
     def chunk(i):
         k = jax.random.fold_in(key, i)
-        x = _inputs(target.sample(dcfg, None, k, i))
+        x = batch_inputs(target.sample(dcfg, None, k, i))
         y_t, cache = jax.vmap(lambda xx: forward_sites(apply, params, xx, sites.paths))(x)
         g, _ = jax.vmap(lambda c: spd.causal_importances(
             comps, {s: a for s, (a, _) in c.items()}, gated=cfg.gated))(cache)
@@ -321,21 +312,7 @@ def plot_spd(res: SPDResult, sites: apd.Sites, run_dir: Path) -> list[Path]:
     return out
 
 
-def run_method(target_name: str, *, seeds: list[int], steps: int | None, out: str | None,
-               target_dir: str | None, overrides: dict[str, Any], progress: bool
-               ) -> dict[str, Any]:
-    """``jaxinterp run spd TARGET``: load or train the target, decompose, write the run."""
-    if steps is not None:
-        overrides = {**overrides, "steps": steps}
-    cfg = spd_config(target_name, **coerce_overrides(
-        overrides, SPDConfig, "spd", ("C", "ci_hidden", "steps", "batch_size")))
-    model, tcfg, target = load_or_train_target(target_name, target_dir, progress=progress)
-    tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
-    out = out or f"runs/spd-{target_name}-{tag}"
-    res = train_spd(model, target, tcfg, cfg, seeds, out=out, progress=progress)
-    print(f"\nrun directory: {out}  (config.json, metrics.json, components.eqx)")
-    if res.plots:
-        print("plots: " + ", ".join(res.plots))
+def _cli_summary(res: SPDResult) -> dict[str, Any]:
     flat = {k: v for k, v in res.metrics.items() if not isinstance(v, dict | list)}
     flat["identity_ci_error"] = res.metrics["identity_ci_error"]["total"]
     flat["ci_l0_total"] = res.metrics["ci_l0"]["total"]
@@ -346,5 +323,6 @@ register_method(Method(
     name="spd",
     description="Stochastic Parameter Decomposition (Bushnaq, Braun, Sharkey 2025)",
     targets=tuple(PRESETS),
-    run=run_method,
+    run=cli_runner("spd", spd_config, SPDConfig, ("C", "ci_hidden", "steps", "batch_size"),
+                   train_spd, _cli_summary),
 ))

@@ -1,0 +1,101 @@
+"""Plumbing shared by the decomposition methods' runs: presets with overrides, CLI value
+coercion, the trained-target cache, and the ``jaxinterp run METHOD TARGET`` runner."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from .._checks import fail
+from ..models import base
+
+
+def batch_inputs(batch: Any) -> jax.Array:
+    """The inputs of a sampled batch (a target's sampler returns ``x`` or ``(x, ...)``)."""
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def preset_config(cls: type, presets: dict[str, dict[str, Any]], fn: str, target: str,
+                  overrides: dict[str, Any]) -> Any:
+    """``cls(**presets[target], **overrides)`` with clear errors for unknown names."""
+    if target not in presets:
+        raise fail(fn, "target", f"one of {sorted(presets)}", repr(target))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise fail(fn, "overrides", f"fields of {cls.__name__}", bad)
+    return cls(**{**presets[target], **overrides})
+
+
+def coerce_overrides(overrides: dict[str, Any], cls: type, method: str,
+                     int_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """CLI strings to the types of the fields of the config dataclass ``cls`` (fields whose
+    default is None are floats unless listed in ``int_fields``)."""
+    types = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in overrides.items():
+        if k not in types:
+            raise fail(method, f"--{k.replace('_', '-')}", f"a field of {cls.__name__}",
+                       "an unknown option", f"Known: {', '.join(sorted(types))}.")
+        d = types[k]
+        if not isinstance(v, str):
+            out[k] = v
+        elif v.lower() in ("none", "null"):
+            out[k] = None
+        elif isinstance(d, bool):
+            out[k] = v.lower() in ("1", "true", "yes")
+        elif k in int_fields or (isinstance(d, int) and not isinstance(d, bool)):
+            out[k] = int(v)
+        elif isinstance(d, tuple):
+            out[k] = tuple(type(d[0])(s) if d else s for s in v.split(",") if s)
+        elif isinstance(d, float) or d is None:
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_or_train_target(name: str, target_dir: str | Path | None, *, progress: bool = True
+                         ) -> tuple[Any, Any, base.ToyTarget]:
+    """The trained target from ``target_dir``, or from the cache ``runs/targets/NAME-seed0``
+    (trained on its default recipe, seed 0, if missing)."""
+    if target_dir is not None:
+        model, tcfg, target = base.load_target(target_dir)
+        if target.name != name:
+            raise fail("load_or_train_target", "target_dir", f"a run of {name!r}",
+                       f"a run of {target.name!r}")
+        return model, tcfg, target
+    cache = Path("runs") / "targets" / f"{name}-seed0"
+    if (cache / base.MODEL_FILE).exists():
+        return base.load_target(cache)
+    r = base.train_target(name, out=cache, progress=progress)
+    return r.model, r.config, base.get_target(name)
+
+
+def cli_runner(method: str, make_config: Callable[..., Any], cls: type,
+               int_fields: tuple[str, ...], train: Callable[..., Any],
+               summary: Callable[[Any], dict[str, Any]] | None = None) -> Callable[..., dict]:
+    """The ``run`` callable of a :class:`jaxinterp.methods.Method`: build the config from
+    the preset and CLI overrides, load or train the target, decompose all seeds in one
+    vmapped run, write ``runs/METHOD-TARGET-seedN`` (or ``--out``) and return the metrics
+    to print (``summary(result)``, default ``result.metrics``)."""
+
+    def run(target_name: str, *, seeds: list[int], steps: int | None, out: str | None,
+            target_dir: str | None, overrides: dict[str, Any], progress: bool) -> dict:
+        if steps is not None:
+            overrides = {**overrides, "steps": steps}
+        cfg = make_config(target_name, **coerce_overrides(overrides, cls, method, int_fields))
+        model, tcfg, target = load_or_train_target(target_name, target_dir, progress=progress)
+        tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
+        out = out or f"runs/{method}-{target_name}-{tag}"
+        res = train(model, target, tcfg, cfg, seeds, out=out, progress=progress)
+        print(f"\nrun directory: {out}  (config.json, metrics.json, components.eqx)")
+        if res.plots:
+            print("plots: " + ", ".join(res.plots))
+        return summary(res) if summary else res.metrics
+
+    return run
