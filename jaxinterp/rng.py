@@ -8,8 +8,10 @@ how many devices run the computation or on how many keys were split before it.
 from __future__ import annotations
 
 import enum
+import math
 
 import jax
+import jax.numpy as jnp
 
 from ._types import Key
 
@@ -42,3 +44,29 @@ def stream_key(key: Key, stream: int) -> Key:
 def step_key(key: Key, step: int | jax.Array, stream: int) -> Key:
     """The key of ``stream`` at update ``step``: ``fold_in(fold_in(key, step), stream)``."""
     return jax.random.fold_in(jax.random.fold_in(key, step), int(stream))
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer finaliser (xor-shift / multiply, "lowbias32" constants)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_uniform(key: Key, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """``U[0, 1)`` draws from a counter-based integer hash seeded by ``key``.
+
+    Draw ``n`` is ``mix(mix(n * golden + s) + s)`` with ``s`` 32 bits taken from ``key``
+    by threefry, keeping the top 24 bits. About 10x cheaper than ``jax.random.uniform`` on
+    CPU (a few integer ops per value instead of 20 threefry rounds), and like it
+    deterministic given the key and independent of the device count. Meant for
+    high-volume Monte-Carlo noise such as SPD's stochastic masks (hundreds of thousands
+    of draws per step), not for initialisation or anything needing threefry's guarantees.
+    """
+    seed = jax.random.bits(key, (), jnp.uint32)
+    n = math.prod(shape)
+    counter = jax.lax.iota(jnp.uint32, n) * jnp.uint32(0x9E3779B9) + seed
+    bits = _mix32(_mix32(counter) + seed)
+    return ((bits >> 8).astype(dtype) * (1.0 / (1 << 24))).reshape(shape)
