@@ -181,7 +181,8 @@ def test_train_spd_multi_seed_writes_metrics_and_plots(tmp_path):
             assert key in m, key
         assert set(m["identity_ci_error"]) == {".W_enc", ".hidden[0]", ".W_enc:T", "total"}
         assert len(m["per_seed"]) == 2 and m["seeds"] == [0, 1]
-        for png in ("loss.png", "ci_W_enc.png", "ci_W_enc_T.png", "ci_hidden0.png"):
+        for png in ("loss.png", "ci_W_enc.png", "ci_W_enc_T.png", "ci_hidden0.png",
+                    "subcomponents_W_enc.png", "subcomponents_hidden0.png"):
             assert (tmp_path / png).exists(), png
         with pytest.raises(ValueError, match="overrides"):
             spd_config("tms-5-2", n_components=3)
@@ -206,3 +207,21 @@ def test_cli_run_spd(tmp_path, capsys):
         assert "identity_ci_error" in capsys.readouterr().out
         assert cli_main(["run", "spd", "tms-5-2", "--steps", "5", "--target", str(tdir),
                          "--no-progress", "--topk", "1"]) == 2
+
+
+def test_resid_evaluation_reports_neuron_contributions(tmp_path):
+    """A short resid-mlp-1 run reports the neuron-contribution fit (spec section 5) and
+    draws the subcomponents of both matrices."""
+    from jaxinterp.decomposition import spd_config, train_spd
+
+    with jax.enable_x64(False):
+        target = ji.get_target("resid-mlp-1")
+        tcfg = target.config(steps=200, n_seeds=1, batch_size=256)
+        model = ji.train_target(target, tcfg, progress=False, plots=False).model
+        cfg = spd_config("resid-mlp-1", steps=20, steps_per_call=10, batch_size=64,
+                         eval_size=128)
+        res = train_spd(model, target, tcfg, cfg, [0], out=tmp_path, progress=False)
+        m = res.metrics
+        assert -1.0 <= m["nc_pearson_r"] <= 1.0 and np.isfinite(m["nc_slope"])
+        assert m["nc_pairs"] >= 2
+        assert (tmp_path / "subcomponents_layers0_mlp_in.png").exists()

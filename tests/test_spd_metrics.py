@@ -10,6 +10,7 @@ from jaxinterp.decomposition.spd_metrics import (
     n_non_negligible,
     permute_columns_for_heatmap,
     spd_mmcs_ml2r,
+    spd_neuron_contributions,
     subcomponent_norms,
 )
 
@@ -220,3 +221,65 @@ def test_mmcs_ml2r_by_hand():
 def test_mmcs_ml2r_bad_input(W, V, U, arg):
     with pytest.raises(ValueError, match=f"spd_mmcs_ml2r: expected {arg}"):
         spd_mmcs_ml2r(W, V, U)
+
+
+def _nc_case(seed=0, F=6, d=12, N=5, C=9, Cout=7, W_E=None):
+    """Target layer with W_in = sum_i outer(W_E[i], u_i) (orthonormal W_E rows), and a
+    decomposition whose subcomponent i is exactly feature i's read direction; the spare
+    subcomponents F..C-1 read random directions."""
+    rng = np.random.default_rng(seed)
+    if W_E is None:
+        W_E = np.linalg.qr(rng.normal(size=(d, d)))[0][:F]
+    u = rng.normal(size=(F, N))
+    W_in = W_E.T @ u
+    assert np.allclose(W_E @ W_E.T, np.eye(F))
+    W_out = rng.normal(size=(N, d))
+    V_in = np.concatenate([W_E.T, rng.normal(size=(d, C - F))], axis=1)
+    U_in = np.concatenate([u, rng.normal(size=(C - F, N))], axis=0)
+    V_out = rng.normal(size=(N, Cout))
+    U_out = np.linalg.lstsq(V_out, W_out, rcond=None)[0]  # V_out @ U_out == W_out
+    G = np.zeros((F, C))
+    G[np.arange(F), np.arange(F)] = 1.0
+    return W_E, dict(W_in=W_in, W_out=W_out, V_in=V_in, U_in=U_in, V_out=V_out, U_out=U_out,
+                     G_in=G)
+
+
+def test_neuron_contributions_exact_decomposition_gives_r_and_slope_one():
+    W_E, layer = _nc_case()
+    out = spd_neuron_contributions(W_E, [layer, _nc_case(1, W_E=W_E)[1]], threshold=1e-6)
+    assert out["nc_pearson_r"] == pytest.approx(1.0, abs=1e-9)
+    assert out["nc_slope"] == pytest.approx(1.0, abs=1e-9)
+    assert out["nc_intercept"] == pytest.approx(0.0, abs=1e-9)
+    assert out["nc_pairs"] == 2 * 6 * 5
+
+
+def test_neuron_contributions_match_a_direct_loop_and_detect_wrong_choices():
+    W_E, layer = _nc_case()
+    G = np.zeros_like(layer["G_in"])  # every feature picks a spare (wrong) subcomponent
+    G[np.arange(6), 6 + np.arange(6) % 3] = 1.0
+    bad = spd_neuron_contributions(W_E, [{**layer, "G_in": G}], threshold=1e-6)
+    assert bad["nc_pearson_r"] < 0.9
+    # direct evaluation of the spec's formula, pair by pair
+    xs, ys = [], []
+    W_dec = layer["V_out"] @ layer["U_out"]
+    for i in range(W_E.shape[0]):
+        c = int(np.argmax(G[i]))
+        W_sub = np.outer(layer["V_in"][:, c], layer["U_in"][c])
+        for n in range(layer["W_in"].shape[1]):
+            xs.append((W_E[i] @ layer["W_in"])[n] * (layer["W_out"][n] @ W_E[i]))
+            ys.append((W_E[i] @ W_sub)[n] * (W_dec[n] @ W_E[i]))
+    xs, ys = np.array(xs), np.array(ys)
+    assert bad["nc_pearson_r"] == pytest.approx(np.corrcoef(xs, ys)[0, 1], abs=1e-9)
+    assert bad["nc_slope"] == pytest.approx(np.polyfit(xs, ys, 1)[0], abs=1e-9)
+
+
+def test_neuron_contributions_bad_input():
+    W_E, layer = _nc_case()
+    with pytest.raises(ValueError, match="layers"):
+        spd_neuron_contributions(W_E, [])
+    with pytest.raises(ValueError, match="G_in"):
+        spd_neuron_contributions(W_E, [{**layer, "G_in": layer["G_in"][:, :3]}])
+    with pytest.raises(ValueError, match="missing"):
+        spd_neuron_contributions(W_E, [{k: v for k, v in layer.items() if k != "U_out"}])
+    with pytest.raises(ValueError, match="threshold"):
+        spd_neuron_contributions(W_E, [layer], threshold=1e9)

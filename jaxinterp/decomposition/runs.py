@@ -34,7 +34,8 @@ def preset_config(cls: type, presets: dict[str, dict[str, Any]], fn: str, target
 def coerce_overrides(overrides: dict[str, Any], cls: type, method: str,
                      int_fields: tuple[str, ...] = ()) -> dict[str, Any]:
     """CLI strings to the types of the fields of the config dataclass ``cls`` (fields whose
-    default is None are floats unless listed in ``int_fields``)."""
+    default is None are floats, or tuples of floats when comma-separated, unless listed in
+    ``int_fields``)."""
     types = {f.name: f.default for f in dataclasses.fields(cls)}
     out = {}
     for k, v in overrides.items():
@@ -53,7 +54,7 @@ def coerce_overrides(overrides: dict[str, Any], cls: type, method: str,
         elif isinstance(d, tuple):
             out[k] = tuple(type(d[0])(s) if d else s for s in v.split(",") if s)
         elif isinstance(d, float) or d is None:
-            out[k] = float(v)
+            out[k] = tuple(float(s) for s in v.split(",") if s) if "," in v else float(v)
         else:
             out[k] = v
     return out

@@ -1,6 +1,7 @@
 """SPD evaluation (``specs/spd.md`` section 5): IdentityCIError and its dense(k) variant, CI-L0,
 the column order of the CI heat-map, subcomponent norms and the non-negligible count, and MMCS /
-ML2R of the best-matching rank-one subcomponent against the TMS encoder.
+ML2R of the best-matching rank-one subcomponent against the TMS encoder, and the neuron
+contributions of the chosen subcomponents against the target's (resid).
 
 Everything here is plain NumPy/SciPy on already-computed arrays (causal importances ``G`` or
 ``g``, component factors ``V`` and ``U``), so it runs on host after training, in float64.
@@ -25,6 +26,7 @@ __all__ = [
     "subcomponent_norms",
     "n_non_negligible",
     "spd_mmcs_ml2r",
+    "spd_neuron_contributions",
 ]
 
 _GREEDY_FROM = 500  # min(F, C) at which identity_ci_error switches to greedy matching
@@ -281,3 +283,70 @@ def spd_mmcs_ml2r(W: ArrayLike, V: ArrayLike, U: ArrayLike) -> dict[str, float]:
         "ml2r": float(ratio.mean()),
         "ml2r_std": float(ratio.std()),
     }
+
+
+def spd_neuron_contributions(
+    W_E: ArrayLike,
+    layers: list[dict[str, ArrayLike]],
+    threshold: float = 0.01,
+) -> dict[str, float]:
+    """Neuron contributions of the target against those of the chosen subcomponents (resid).
+
+    For feature ``i`` and neuron ``n`` (neurons concatenated over layers) the target's
+    contribution is ``NC(i)[n] = (W_E[i] @ W_in)[n] * (W_out[n] @ W_U[:, i])`` with the
+    unembedding ``W_U = W_E^T``. The subcomponent version replaces ``W_in`` by the
+    rank-one matrix of ``c*(i) = argmax_c G[i, c]`` (the ``mlp_in`` subcomponent most
+    important for ``0.75 e_i``) and ``W_out`` by the summed decomposition ``V_out @ U_out``.
+
+    Args:
+        W_E: embedding ``(F, d_resid)``.
+        layers: one dict per layer with ``W_in (d_resid, N)``, ``W_out (N, d_resid)``,
+            ``V_in (d_resid, C)``, ``U_in (C, N)``, ``V_out (N, C')``, ``U_out (C', d_resid)``
+            and ``G_in (F, C)``, the ``mlp_in`` importances of the one-hot inputs.
+        threshold: pairs with ``|NC(i)[n]| > threshold`` enter the fit.
+
+    Returns:
+        ``{"nc_pearson_r", "nc_slope", "nc_intercept", "nc_pairs"}``: Pearson r and the
+        least-squares line of subcomponent against target contributions over the pairs.
+
+    Raises:
+        ValueError: a shape does not agree, ``layers`` is empty, or fewer than two pairs
+            pass the threshold.
+    """
+    fn = "spd_neuron_contributions"
+    W_E = _matrix(fn, "W_E", W_E, "(n_features, d_resid)")
+    if not layers:
+        raise fail(fn, "layers", "at least one layer", layers)
+    F = W_E.shape[0]
+    target, sub = [], []
+    for li, layer in enumerate(layers):
+        need = ("W_in", "W_out", "V_in", "U_in", "V_out", "U_out", "G_in")
+        missing = [k for k in need if k not in layer]
+        if missing:
+            raise fail(fn, f"layers[{li}]", f"keys {need}", f"missing {missing}")
+        W_in = _matrix(fn, f"layers[{li}]['W_in']", layer["W_in"], "(d_resid, N)")
+        W_out = _matrix(fn, f"layers[{li}]['W_out']", layer["W_out"], "(N, d_resid)")
+        V_in, U_in = _factors(fn, layer["V_in"], layer["U_in"])
+        V_out, U_out = _factors(fn, layer["V_out"], layer["U_out"])
+        G = _matrix(fn, f"layers[{li}]['G_in']", layer["G_in"], "(n_features, C)")
+        if G.shape != (F, V_in.shape[1]):
+            raise fail(fn, f"layers[{li}]['G_in']", f"shape ({F}, {V_in.shape[1]})", G.shape)
+        if W_in.shape != (V_in.shape[0], U_in.shape[1]) or W_out.shape != (V_out.shape[0],
+                                                                           U_out.shape[1]):
+            raise fail(fn, f"layers[{li}]", "factors whose shapes match W_in and W_out",
+                       f"W_in {W_in.shape}, V_in@U_in {(V_in.shape[0], U_in.shape[1])}, "
+                       f"W_out {W_out.shape}, V_out@U_out {(V_out.shape[0], U_out.shape[1])}")
+        write_t = W_E @ W_out.T  # (F, N): W_out[n] . W_E[i]
+        target.append((W_E @ W_in) * write_t)
+        best = np.argmax(G, axis=1)  # (F,)
+        read_s = (np.sum(W_E * V_in[:, best].T, axis=1))[:, None] * U_in[best]  # (F, N)
+        sub.append(read_s * (W_E @ (V_out @ U_out).T))
+    nc_t, nc_s = np.concatenate(target, axis=1), np.concatenate(sub, axis=1)
+    keep = np.abs(nc_t) > threshold
+    if keep.sum() < 2:
+        raise fail(fn, "threshold", f"a value leaving >= 2 pairs with |NC| above it "
+                   f"(max |NC| = {np.abs(nc_t).max():.3g})", threshold)
+    x, y = nc_t[keep], nc_s[keep]
+    slope, intercept = np.polyfit(x, y, 1)
+    return {"nc_pearson_r": float(np.corrcoef(x, y)[0, 1]), "nc_slope": float(slope),
+            "nc_intercept": float(intercept), "nc_pairs": int(keep.sum())}

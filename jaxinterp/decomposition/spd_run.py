@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import io, plots, tree
-from .._checks import check_positive, fail
+from .._checks import check_in, check_nonnegative, check_positive, fail
 from ..methods import Method, register_method
 from ..models import base
 from ..rng import Stream, seed_key, stream_key
@@ -34,40 +34,87 @@ from .spd_metrics import (
     n_non_negligible,
     permute_columns_for_heatmap,
     spd_mmcs_ml2r,
+    spd_neuron_contributions,
+    subcomponent_norms,
 )
 from .weights import TRANSPOSED, forward_sites
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SPDConfig:
-    """SPD hyperparameters (``specs/spd.md`` section 4); defaults are the TMS 5-2 preset.
+    """SPD hyperparameters (``specs/spd.md`` sections 4 and 9); defaults are the TMS 5-2
+    paper preset, and every later-code (``main`` recipe) option defaults to off.
 
     Attributes:
         paths: keypaths of the decomposed weight matrices.
-        C: subcomponents per matrix; ci_hidden: CI MLP width H.
-        c_faith, c_stoch, c_layerwise, c_imp: loss coefficients (None: off); p: the
-            importance-minimality exponent.
-        gated: use the later code's clamped CI with the sign-gated leaky backward pass.
+        C: subcomponents per matrix: one int, or ``{rule: C}`` where a rule is an exact
+            keypath or a glob (``*``/``?``; brackets literal: ``.layers[*].mlp_in``); every
+            path must match exactly one rule.
+        ci_hidden: CI MLP width H.
+        ci_fn: CI function: ``"mlp"`` (a scalar MLP per subcomponent on ``h = a V``, the
+            paper's), ``"vector_mlp"`` (an ``a -> H -> 1`` MLP per subcomponent on the site
+            input) or ``"shared_mlp"`` (one ``a -> H -> C`` MLP per site).
+        init: ``"projection"`` (paper) or ``"normal"`` (``V ~ N(0, 1/d_in)``,
+            ``U ~ N(0, 1/C)``; ``main``); CI MLPs are Kaiming-normal either way.
+        faith_warmup_steps: updates of V, U on the faithfulness loss alone before training
+            (throwaway AdamW, lr 0.01, weight decay 0.1; ``main`` uses 200 with ``normal``).
+        c_faith, c_stoch, c_layerwise, c_imp: paper loss coefficients (None: off).
+        p: importance-minimality exponent (``p0`` when annealed).
+        p_anneal: ``(p_final, start_frac, end_frac)``: p goes linearly from ``p`` to
+            ``p_final`` between those fractions of ``steps``; None: constant ``p``.
+        beta: frequency term of the importance loss,
+            ``sum_c mu_c (1 + beta log2(1 + S_c))`` (0: the paper's formula).
+        gated: the later code's clamped CI with the sign-gated leaky backward pass.
+        delta: add the delta component ``m_delta (a @ (W - V U))`` with
+            ``m_delta ~ U(0, 1)`` per example (position) at every masked site.
+        divergence: output divergence of every reconstruction loss, ``"mse"`` or ``"kl"``
+            (KL(target softmax || model softmax) over the last axis).
+        c_subset: subset-routing reconstruction coefficient (per example and position
+            ``k ~ U{1..L}`` random sites masked, the rest the target; None: off).
+        c_hidden_recon: hidden-activation reconstruction coefficient (mean over sites of
+            the MSE of each site's output in the stochastic pass; None: off).
+        c_pgd: PGD reconstruction coefficient (None: off; needs ``pgd_steps >= 1``).
+        pgd_steps, pgd_step_size: signed-gradient ascent steps on the mask sources and
+            their size; ``pgd_steps > 0`` also adds ``pgd_recon_mse`` to the evaluation.
+        pgd_init: initial sources, ``"random"``, ``"ones"`` or ``"zeros"``.
+        pgd_shared: one source vector per site shared across the batch, else one per
+            example (and position).
         batch_size, steps, lr, schedule, warmup_frac: Adam (no weight decay) settings.
+        clip_norm: global gradient-norm clipping (None: none, the paper's).
         steps_per_call, eval_size, checkpoint_every: run mechanics.
         success_mmcs, success_ml2r: a TMS seed succeeds with MMCS >= success_mmcs, ML2R
             within the band and IdentityCIError 0 on every site.
     """
 
     paths: tuple[str, ...] = TMS_PATHS
-    C: int = 20
+    C: int | dict[str, int] = 20
     ci_hidden: int = 16
+    ci_fn: str = "mlp"
+    init: str = "projection"
+    faith_warmup_steps: int = 0
     c_faith: float | None = 1.0
     c_stoch: float | None = 1.0
     c_layerwise: float | None = 1.0
     c_imp: float | None = 3e-3
     p: float = 1.0
+    p_anneal: tuple[float, float, float] | None = None
+    beta: float = 0.0
     gated: bool = False
+    delta: bool = False
+    divergence: str = "mse"
+    c_subset: float | None = None
+    c_hidden_recon: float | None = None
+    c_pgd: float | None = None
+    pgd_steps: int = 0
+    pgd_step_size: float = 0.1
+    pgd_init: str = "random"
+    pgd_shared: bool = False
     batch_size: int = 4096
     steps: int = 40_000
     lr: float = 1e-3
     schedule: str = "quarter_cosine"
     warmup_frac: float = 0.0
+    clip_norm: float | None = None
     steps_per_call: int = 200
     eval_size: int = 10_000
     checkpoint_every: int = 5000
@@ -75,20 +122,51 @@ class SPDConfig:
     success_ml2r: tuple[float, float] = (0.97, 1.03)
 
     def __post_init__(self):
-        for name in ("C", "ci_hidden", "batch_size", "steps_per_call", "eval_size"):
-            check_positive("SPDConfig", name, getattr(self, name), integer=True)
-        check_positive("SPDConfig", "lr", self.lr)
-        check_positive("SPDConfig", "p", self.p)
+        fn = "SPDConfig"
+        for name in ("ci_hidden", "batch_size", "steps_per_call", "eval_size"):
+            check_positive(fn, name, getattr(self, name), integer=True)
+        check_positive(fn, "lr", self.lr)
+        check_positive(fn, "p", self.p)
         if self.steps < 0:
-            raise fail("SPDConfig", "steps", ">= 0", self.steps)
+            raise fail(fn, "steps", ">= 0", self.steps)
         if not self.paths:
-            raise fail("SPDConfig", "paths", "at least one weight path", self.paths)
+            raise fail(fn, "paths", "at least one weight path", self.paths)
+        spd.resolve_C(fn, self.C, self.paths)
+        check_in(fn, "ci_fn", self.ci_fn, spd.CI_FNS)
+        check_in(fn, "init", self.init, spd.INITS)
+        check_in(fn, "divergence", self.divergence, spd.DIVERGENCES)
+        check_nonnegative(fn, "faith_warmup_steps", self.faith_warmup_steps, integer=True)
+        check_nonnegative(fn, "beta", self.beta)
+        if self.p_anneal is not None:
+            pa = tuple(self.p_anneal)
+            if len(pa) != 3:
+                raise fail(fn, "p_anneal", "(p_final, start_frac, end_frac) or None",
+                           self.p_anneal)
+            check_positive(fn, "p_anneal[0] (p_final)", pa[0])
+            if not 0.0 <= pa[1] <= pa[2] <= 1.0:
+                raise fail(fn, "p_anneal fractions", "0 <= start_frac <= end_frac <= 1",
+                           f"start_frac={pa[1]}, end_frac={pa[2]}")
+            object.__setattr__(self, "p_anneal", pa)
+        check_nonnegative(fn, "pgd_steps", self.pgd_steps, integer=True)
+        check_positive(fn, "pgd_step_size", self.pgd_step_size)
+        check_in(fn, "pgd_init", self.pgd_init, spd.PGD_INITS)
+        if self.c_pgd is not None and self.pgd_steps < 1:
+            raise fail(fn, "pgd_steps", ">= 1 when c_pgd is set", self.pgd_steps)
+        if self.clip_norm is not None:
+            check_positive(fn, "clip_norm", self.clip_norm)
+
+    def pgd_config(self) -> spd.PGDConfig:
+        return spd.PGDConfig(self.pgd_steps, self.pgd_step_size, self.pgd_init, self.pgd_shared)
 
     def loss_config(self) -> spd.SPDLossConfig:
         return spd.SPDLossConfig(self.c_faith, self.c_stoch, self.c_layerwise, self.c_imp,
-                                 self.p, self.gated)
+                                 self.p, self.gated, delta=self.delta, beta=self.beta,
+                                 divergence=self.divergence, c_subset=self.c_subset,
+                                 c_hidden_recon=self.c_hidden_recon, c_pgd=self.c_pgd,
+                                 pgd=self.pgd_config())
 
 
+NOT_LOSSES = ("step", "ci_l0", "p")  # history entries that are not loss terms
 _TMS40 = dict(C=200, c_imp=1e-4, p=2.0, success_ml2r=(0.98, 1.05))
 _RESID = dict(c_imp=1e-5, p=2.0, batch_size=2048, schedule="constant")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -143,17 +221,27 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     sites = apd.make_sites(apply, params, x0, cfg.paths)
     keys = jnp.stack([seed_key(s) for s in seeds])
     comps = jax.vmap(lambda k: spd.init_spd(params, sites, cfg.C, cfg.ci_hidden,
+                                            init=cfg.init, ci_fn=cfg.ci_fn,
                                             key=stream_key(k, Stream.INIT)))(keys)
+    if cfg.faith_warmup_steps:
+        comps = jax.vmap(lambda c: spd.faithfulness_warmup(params, c, sites,
+                                                           cfg.faith_warmup_steps))(comps)
     opt = make_optimizer("adam", cfg.lr, cfg.steps, schedule=cfg.schedule,
-                         warmup_frac=cfg.warmup_frac)
+                         warmup_frac=cfg.warmup_frac, grad_clip=cfg.clip_norm)
     lcfg = cfg.loss_config()
 
-    def loss_fn(c, p, batch):
-        x, mask_key = batch
-        return spd.spd_loss(c, p, x, mask_key, apply=apply, sites=sites, cfg=lcfg)
+    def loss_fn(c, frozen, batch):
+        x, mask_key, step = batch
+        p = spd.annealed_p(step, cfg.steps, cfg.p, cfg.p_anneal)
+        total, aux = spd.spd_loss(c, frozen, x, mask_key, apply=apply, sites=sites, cfg=lcfg,
+                                  p=p)
+        if cfg.p_anneal is not None:
+            aux = {**aux, "p": jnp.asarray(p)}  # the annealed exponent, in the history
+        return total, aux
 
     def sample_fn(_, k, step):
-        return batch_inputs(target.sample(dcfg, None, k, step)), stream_key(k, Stream.MASK)
+        x = batch_inputs(target.sample(dcfg, None, k, step))
+        return x, stream_key(k, Stream.MASK), step
 
     run_dir = Path(out) if out is not None else None
     header = {"method": "spd", "target": target.name, "config": dataclasses.asdict(cfg),
@@ -175,7 +263,7 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
         mi = evaluate_spd(ci_, model, apply, params, sites, target, target_cfg, cfg,
                           key=stream_key(seed_key(s), Stream.EVAL))
         final = {f"loss/{k}": float(v[-1, i]) for k, v in result.history.items()
-                 if k not in ("step", "ci_l0") and len(v)}
+                 if k not in NOT_LOSSES and len(v)}
         seed_metrics.append({"seed": s, **mi, **final})
     metrics = _summarise(seed_metrics, cfg, result, wall)
     res = SPDResult(comps, cfg, list(seeds), metrics, seed_metrics, result.history)
@@ -219,7 +307,9 @@ def one_hot_importances(comps: spd.SPDComponents, apply: Any, params: Any, sites
 def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
                  sites: apd.Sites, target: Any, target_cfg: Any, cfg: SPDConfig, *,
                  key: Any) -> dict[str, Any]:
-    """Every SPD metric of one seed (spec section 5)."""
+    """Every SPD metric of one seed (spec section 5); with ``cfg.pgd_steps > 0`` also
+    ``pgd_recon_mse``, the MSE at the PGD sources of ``cfg`` (delta channel if
+    ``cfg.delta``)."""
     n_feat = target_cfg.n_features
     G = one_hot_importances(comps, apply, params, sites, n_feat, gated=cfg.gated)
     pats = _patterns(sites, params)
@@ -248,8 +338,13 @@ def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
 
         l0 = {s: jnp.mean(jnp.sum(v > 0.1, axis=-1)) for s, v in g.items()}
         l0_8 = {s: jnp.mean(jnp.sum(v > 0.8, axis=-1)) for s, v in g.items()}
-        return {"unmasked": recon(ones), "ci_masked": recon(g), "stochastic": recon(masks),
-                "l0": l0, "l0_8": l0_8}
+        res = {"unmasked": recon(ones), "ci_masked": recon(g), "stochastic": recon(masks),
+               "l0": l0, "l0_8": l0_8}
+        if cfg.pgd_steps > 0:
+            res["pgd"] = spd.pgd_recon(comps, params, x, apply=apply, sites=sites,
+                                       pgd=cfg.pgd_config(), delta=cfg.delta, gated=cfg.gated,
+                                       key=jax.random.fold_in(k, 2))[0]
+        return res
 
     out = jax.device_get(eqx.filter_jit(lambda: jax.lax.map(chunk, jnp.arange(n_chunks)))())
     m: dict[str, Any] = {
@@ -265,10 +360,34 @@ def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
         "one_hot_ci": {s: v.tolist() for s, v in G.items()},
     }
     m["ci_l0"]["total"] = float(sum(m["ci_l0"].values()))
+    if "pgd" in out:
+        m["pgd_recon_mse"] = float(np.mean(out["pgd"]))
     if target.name.startswith("tms"):
         m.update(spd_mmcs_ml2r(np.asarray(model.W_enc), np.asarray(comps.V[".W_enc"]),
                                np.asarray(comps.U[".W_enc"])))
+    layers = _resid_layers(comps, params, sites, G)
+    if layers:
+        m.update(spd_neuron_contributions(np.asarray(model.W_E), layers))
     return m
+
+
+def _resid_layers(comps: spd.SPDComponents, params: Any, sites: apd.Sites,
+                  G: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Per residual layer the target's ``W_in``/``W_out``, their factors and the ``mlp_in``
+    importances of the one-hot inputs, when every ``mlp_in``/``mlp_out`` is decomposed."""
+    ins = [p for p in sites.paths if p.endswith(".mlp_in")]
+    layers = []
+    for p_in in ins:
+        p_out = p_in.removesuffix(".mlp_in") + ".mlp_out"
+        if p_out not in sites.paths or p_in not in G:
+            return []
+        layers.append({"W_in": np.asarray(tree.get(params, p_in)),
+                       "W_out": np.asarray(tree.get(params, p_out)),
+                       "V_in": np.asarray(comps.V[p_in]), "U_in": np.asarray(comps.U[p_in]),
+                       "V_out": np.asarray(comps.V[p_out]), "U_out": np.asarray(comps.U[p_out]),
+                       "G_in": G[p_in]})
+    return layers
+
 
 
 def _summarise(seed_metrics: list[dict], cfg: SPDConfig, result: Any, wall: float) -> dict:
@@ -291,11 +410,12 @@ def _summarise(seed_metrics: list[dict], cfg: SPDConfig, result: Any, wall: floa
 
 
 def plot_spd(res: SPDResult, sites: apd.Sites, run_dir: Path) -> list[Path]:
-    """Loss curves, CI-L0 during training, and the paper's CI figure per site (importances
-    of one-hot inputs, columns permuted by iterative argmax) for the first seed."""
+    """Loss curves, CI-L0 during training, the paper's CI figure per site (importances of
+    one-hot inputs, columns permuted by iterative argmax) and the subcomponent weights of
+    every decomposed matrix, for the first seed."""
     run_dir = Path(run_dir)
     hist = {k: (v[:, 0] if v.ndim == 2 else v) for k, v in res.history.items()}
-    out = [plots.loss_curves({k: v for k, v in hist.items() if k != "ci_l0"},
+    out = [plots.loss_curves({k: v for k, v in hist.items() if k not in ("ci_l0", "p")},
                              run_dir / "loss.png", title=f"SPD C={res.config.C}")]
     if "ci_l0" in hist and len(hist["ci_l0"]):
         out.append(plots.curves(hist["step"], {"CI-L0 (all sites)": hist["ci_l0"]},
@@ -305,11 +425,45 @@ def plot_spd(res: SPDResult, sites: apd.Sites, run_dir: Path) -> list[Path]:
         g = np.asarray(G[s])
         order = permute_columns_for_heatmap(g)
         live = [c for c in order if g[:, c].max() > 0.01] or list(order[:1])
-        name = s.strip(".").replace("[", "").replace("]", "").replace(".", "_").replace(":", "_")
-        out.append(plots.matrix(g[:, live], run_dir / f"ci_{name}.png", symmetric=False,
+        out.append(plots.matrix(g[:, live], run_dir / f"ci_{_file_name(s)}.png",
+                                symmetric=False,
                                 title=f"CI of one-hot inputs at {s} ({len(live)} live)",
                                 xlabel="subcomponent (permuted)", ylabel="input feature"))
+    comps0 = jax.tree_util.tree_map(lambda v: np.asarray(v[0]), res.components)
+    for path in sites.paths:
+        out.append(plot_subcomponents(comps0.V[path], comps0.U[path],
+                                      run_dir / f"subcomponents_{_file_name(path)}.png",
+                                      title=path))
     return out
+
+
+def _file_name(site: str) -> str:
+    return site.strip(".").replace("[", "").replace("]", "").replace(".", "_").replace(":", "_")
+
+
+def plot_subcomponents(V: np.ndarray, U: np.ndarray, path: str | Path, *, title: str = "",
+                       top: int = 8) -> Path:
+    """Norms ``|V[:, c]| |U[c, :]|`` of every subcomponent (sorted) and the matrices
+    ``outer(V[:, c], U[c, :])`` of the ``top`` largest, on one colour scale."""
+    import matplotlib.pyplot as plt
+
+    norms = subcomponent_norms(V, U)
+    order = np.argsort(-norms)[:top]
+    mats = [np.outer(V[:, c], U[c]) for c in order]
+    vmax = max(float(np.abs(m).max()) for m in mats) or 1.0
+    fig, axes = plt.subplots(1, len(mats) + 1, figsize=(2.2 * (len(mats) + 1), 2.6))
+    axes[0].bar(np.arange(len(norms)), np.sort(norms)[::-1], color="0.3")
+    axes[0].set_title("norms (sorted)", fontsize=8)
+    axes[0].set_xlabel("subcomponent", fontsize=8)
+    for ax, c, m in zip(axes[1:], order, mats, strict=True):
+        ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
+                  interpolation="nearest")
+        ax.set_title(f"c={int(c)}  |.|={norms[c]:.2f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"largest subcomponents of {title} (rows: d_in, columns: d_out)", fontsize=9)
+    fig.tight_layout()
+    return plots.save(fig, path)
 
 
 def _cli_summary(res: SPDResult) -> dict[str, Any]:

@@ -8,7 +8,8 @@ per-example matrices. All three are provided by replacing the weight LEAF of the
 parameter pytree with a small module that implements ``a @ W`` (``__rmatmul__``) and
 ``W.T``. The target's ``apply(params, x)`` is called unchanged, so this works for any
 model that uses its decomposed weights as ``a @ W`` or ``a @ W.T`` (every toy in
-:mod:`jaxinterp.models`, and any equinox model written that way).
+:mod:`jaxinterp.models`, and any equinox model written that way). An embedding lookup
+``W[idx]`` is the use ``one_hot(idx) @ W``: its site input is the one-hot row selector.
 
 A weight used transposed (TMS's tied decoder) is a second *site* named ``path + ":T"``;
 the decomposition is shared (``P_dec = P_enc^T``) because the same leaf is used.
@@ -36,6 +37,7 @@ from .._types import Array, PyTree
 
 __all__ = [
     "LowRankWeight",
+    "one_hot_rows",
     "WeightSite",
     "site_name",
     "forward_sites",
@@ -49,6 +51,24 @@ TRANSPOSED = ":T"
 def site_name(path: str, transposed: bool) -> str:
     """The site name of a weight use: ``path`` or ``path + ":T"``."""
     return path + TRANSPOSED if transposed else path
+
+
+def one_hot_rows(fn: str, idx: Any, n: int, dtype: Any) -> Array:
+    """The rows selected by an embedding lookup ``W[idx]`` as one-hot vectors, so that
+    ``W[idx] == one_hot_rows(idx) @ W`` (negative indices count from the end, as in NumPy).
+
+    Raises:
+        ValueError: if ``idx`` is not an integer index (slices, tuples, masks).
+    """
+    if isinstance(idx, tuple | slice) or idx is None or idx is Ellipsis:
+        raise fail(fn, "index", "an integer array (an embedding lookup W[idx])", repr(idx),
+                   "Decomposed weights support row lookups and `a @ W` only.")
+    idx = jnp.asarray(idx)
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise fail(fn, "index", "an integer array (an embedding lookup W[idx])",
+                   f"dtype {idx.dtype}", "Decomposed weights support row lookups and `a @ W` only.")
+    idx = jnp.where(idx < 0, idx + n, idx)
+    return jax.nn.one_hot(idx, n, dtype=dtype)
 
 
 class Sink:
@@ -92,6 +112,10 @@ class LowRankWeight(eqx.Module):
     def __rmatmul__(self, a: Array) -> Array:
         inner = jnp.einsum("...i,cim->...cm", a, self.A)
         return jnp.einsum("...cm,c,cmo->...o", inner, self.mask, self.B)
+
+    def __getitem__(self, idx: Any) -> Array:
+        """Embedding lookup ``W[idx]``, computed as ``one_hot(idx) @ W``."""
+        return self.__rmatmul__(one_hot_rows("LowRankWeight", idx, self.shape[0], self.dtype))
 
     def materialize(self) -> Array:
         """The dense ``(d_in, d_out)`` matrix (for tests and plots)."""
@@ -147,6 +171,11 @@ class WeightSite(eqx.Module):
         if self.sink is not None:
             self.sink.records.append((site_name(self.name, self.transposed), a, out))
         return out
+
+    def __getitem__(self, idx: Any) -> Array:
+        """Embedding lookup ``W[idx]``: the use ``one_hot(idx) @ W`` (the site's input is
+        the one-hot row selector)."""
+        return self.__rmatmul__(one_hot_rows("WeightSite", idx, self.shape[0], self.dtype))
 
 
 def replace_weights(params: PyTree, paths: Sequence[str],

@@ -1,0 +1,405 @@
+"""SPD losses: faithfulness, importance minimality (with the frequency term and
+p-annealing), stochastic / layerwise / subset-routed / PGD / hidden-activation
+reconstruction, the output divergences, mask and route sampling, the faithfulness
+warm-up, and :func:`spd_loss` that combines them (``specs/spd.md`` sections 3 and 9).
+
+References:
+    Bushnaq, Braun, Sharkey 2025, "Stochastic Parameter Decomposition" (arXiv 2506.20790).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ... import tree
+from ..._checks import check_in, check_nonnegative, check_positive, fail
+from ..._types import Array, Key, PyTree
+from ...rng import hash_uniform
+from ..apd import Sites
+from ..weights import forward_sites
+from .core import SPDComponents, causal_importances, spd_forward_sites
+
+EPS = 1e-12
+DIVERGENCES = ("mse", "kl")
+PGD_INITS = ("random", "ones", "zeros")
+# Loss ids: each reconstruction loss draws its masks from ``fold_in(key, loss_id)``.
+STOCHASTIC, LAYERWISE, SUBSET, PGD = 0, 1, 2, 3
+DELTA_KEYS = 1000  # the delta mask of site i uses fold_in(loss_key, DELTA_KEYS + i)
+ROUTE_KEY = 2000  # subset routes use fold_in(loss_key, ROUTE_KEY)
+
+
+def faithfulness_warmup(params: PyTree, comps: SPDComponents, sites: Sites, steps: int, *,
+                        lr: float = 0.01, weight_decay: float = 0.1) -> SPDComponents:
+    """``steps`` updates of V and U on the faithfulness loss alone with a throwaway AdamW
+    (lr 0.01, weight decay 0.1; the ``main`` recipe's warm-up after ``init="normal"``), in
+    one jit-compiled ``lax.scan``. The CI functions are returned unchanged.
+
+    Raises:
+        ValueError: if ``steps`` is not a non-negative integer.
+    """
+    check_nonnegative("faithfulness_warmup", "steps", steps, integer=True)
+    if steps == 0:
+        return comps
+    opt = optax.adamw(lr, weight_decay=weight_decay)
+
+    def loss(vu, p):
+        return faithfulness_loss(p, SPDComponents(vu[0], vu[1], {}), sites)
+
+    @jax.jit
+    def run(vu, p):
+        def body(carry, _):
+            vu, state = carry
+            updates, state = opt.update(jax.grad(loss)(vu, p), state, vu)
+            return (optax.apply_updates(vu, updates), state), None
+
+        (vu, _), _ = jax.lax.scan(body, (vu, opt.init(vu)), None, length=int(steps))
+        return vu
+
+    V, U = run((comps.V, comps.U), jax.lax.stop_gradient(params))
+    return SPDComponents(V, U, comps.ci)
+
+
+class PGDConfig(NamedTuple):
+    """Settings of the PGD (adversarial) masks (``main`` recipe).
+
+    Attributes:
+        steps: signed-gradient ascent steps on the sources.
+        step_size: ascent step size.
+        init: initial sources: ``"random"`` (``U(0, 1)``), ``"ones"`` or ``"zeros"``.
+        shared: one source vector per site shared across the batch (and positions); else
+            one per example (and position).
+    """
+
+    steps: int = 1
+    step_size: float = 0.1
+    init: str = "random"
+    shared: bool = False
+
+
+class SPDLossConfig(NamedTuple):
+    """Static loss settings (built by :meth:`jaxinterp.decomposition.SPDConfig.loss_config`;
+    the defaults of the later fields keep the paper recipe).
+
+    Attributes:
+        c_faith, c_stoch, c_layerwise, c_imp: paper-recipe coefficients (None: term off).
+        p: importance-minimality exponent (unless :func:`spd_loss` gets ``p``).
+        gated: clamped CI with the sign-gated leaky backward pass.
+        delta: every masked site adds ``m_delta (a @ (W - V U))``, ``m_delta ~ U(0, 1)``
+            per example (and position) and site.
+        beta: frequency term of the importance loss (0: the paper's formula).
+        divergence: output divergence D, ``"mse"`` or ``"kl"``.
+        c_subset: subset-routing reconstruction (None: off).
+        c_hidden_recon: hidden-activation reconstruction (None: off).
+        c_pgd: PGD reconstruction (None: off), with the settings ``pgd``.
+    """
+
+    c_faith: float | None
+    c_stoch: float | None
+    c_layerwise: float | None
+    c_imp: float | None
+    p: float
+    gated: bool
+    delta: bool = False
+    beta: float = 0.0
+    divergence: str = "mse"
+    c_subset: float | None = None
+    c_hidden_recon: float | None = None
+    c_pgd: float | None = None
+    pgd: PGDConfig = PGDConfig()
+
+
+def check_pgd_config(fn: str, pgd: PGDConfig) -> None:
+    """Raise a ``ValueError`` for bad PGD settings."""
+    check_nonnegative(fn, "pgd.steps", pgd.steps, integer=True)
+    check_positive(fn, "pgd.step_size", pgd.step_size)
+    check_in(fn, "pgd.init", pgd.init, PGD_INITS)
+
+
+def check_loss_config(fn: str, cfg: SPDLossConfig) -> None:
+    """Raise a ``ValueError`` for bad loss settings (trace time)."""
+    check_in(fn, "cfg.divergence", cfg.divergence, DIVERGENCES)
+    check_nonnegative(fn, "cfg.beta", cfg.beta)
+    if cfg.c_pgd is not None:
+        check_pgd_config(fn, cfg.pgd)
+
+
+def faithfulness_loss(params: PyTree, comps: SPDComponents, sites: Sites) -> Array:
+    """``sum_sites ||W_l - V_l U_l||^2 / sum_sites numel(W_l)`` (tied weights twice)."""
+    total = 0.0
+    for path in sites.paths:
+        resid = tree.get(params, path) - comps.V[path] @ comps.U[path]
+        total = total + sites.count(path) * jnp.sum(resid**2)
+    return total / sites.n_params
+
+
+def importance_minimality(g_up: dict[str, Array], p: float | Array,
+                          beta: float = 0.0) -> Array:
+    """Importance minimality for ``g+: (batch, [P,] C)`` per site.
+
+    With ``S_lc = sum_{b[,p]} (g+ + eps)^p`` and ``mu_lc = S_lc / (B P)``:
+    ``sum_l sum_c mu_lc (1 + beta log2(1 + S_lc))``; ``beta = 0`` is the paper's
+    ``mean_{batch[,pos]} sum_sites sum_c (g+ + eps)^p``. ``p`` may be traced (annealing).
+    """
+    total = 0.0
+    for v in g_up.values():
+        powered = (v + EPS) ** p
+        if beta == 0:
+            total = total + jnp.mean(jnp.sum(powered, axis=-1))
+            continue
+        c = v.shape[-1]
+        s_lc = jnp.sum(powered.reshape(-1, c), axis=0)
+        total = total + jnp.sum(s_lc / (powered.size // c) * (1.0 + beta * jnp.log2(1.0 + s_lc)))
+    return total
+
+
+def annealed_p(step: int | Array, total_steps: int, p0: float,
+               p_anneal: tuple[float, float, float] | None) -> float | Array:
+    """The importance exponent at update ``step``: ``p0`` until the fraction ``start`` of
+    ``total_steps``, then linear to ``p_final`` at ``end``, then ``p_final``.
+
+    Args:
+        p_anneal: ``(p_final, start, end)`` or None (``p0`` throughout).
+    """
+    if p_anneal is None:
+        return p0
+    p_final, start, end = p_anneal
+    frac = jnp.asarray(step) / total_steps
+    if end > start:
+        t = jnp.clip((frac - start) / (end - start), 0.0, 1.0)
+    else:
+        t = (frac >= start).astype(frac.dtype)
+    return p0 + (p_final - p0) * t
+
+
+def divergence(y: Array, y_target: Array, kind: str = "mse") -> Array:
+    """Output divergence D: ``"mse"``, ``mean (y - y*)^2`` over every axis, or ``"kl"``,
+    ``KL(softmax(y*) || softmax(y))`` over the last axis averaged over the others."""
+    if kind == "mse":
+        return jnp.mean((y - y_target) ** 2)
+    if kind == "kl":
+        log_t = jax.nn.log_softmax(y_target, axis=-1)
+        kl = jnp.sum(jnp.exp(log_t) * (log_t - jax.nn.log_softmax(y, axis=-1)), axis=-1)
+        return jnp.mean(kl)
+    raise fail("divergence", "kind", "one of " + ", ".join(map(repr, DIVERGENCES)), repr(kind))
+
+
+def stochastic_masks(g: dict[str, Array], key: Key) -> dict[str, Array]:
+    """``g + (1 - g) r`` with fresh ``r ~ U(0, 1)`` per site (``fold_in`` of the site index;
+    :func:`jaxinterp.rng.hash_uniform`, the cheap counter hash: masks are most of the
+    random numbers a step draws)."""
+    return {s: v + (1.0 - v) * hash_uniform(jax.random.fold_in(key, i), v.shape, v.dtype)
+            for i, (s, v) in enumerate(g.items())}
+
+
+def delta_masks(g: dict[str, Array], key: Key) -> dict[str, Array]:
+    """``m_delta ~ U(0, 1)`` of the delta component: shape ``g[site].shape[:-1]`` (one per
+    example and position) per site, from ``fold_in(key, DELTA_KEYS + site index)``."""
+    return {s: jax.random.uniform(jax.random.fold_in(key, DELTA_KEYS + i), v.shape[:-1], v.dtype)
+            for i, (s, v) in enumerate(g.items())}
+
+
+def subset_routes(names: Sequence[str], shape: tuple[int, ...], key: Key) -> dict[str, Array]:
+    """Subset routing: for every entry of ``shape`` (examples, [positions]) draw
+    ``k ~ U{1..L}`` and route a uniform random k-subset of the ``L`` sites.
+
+    Returns:
+        ``{site: bool array of shape}``.
+    """
+    n = len(names)
+    k_key, u_key = jax.random.split(key)
+    k = jax.random.randint(k_key, shape, 1, n + 1)
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(u_key, (*shape, n)), axis=-1), axis=-1)
+    routed = rank < k[..., None]
+    return {s: routed[..., i] for i, s in enumerate(names)}
+
+
+def _route_shape(g: dict[str, Array]) -> tuple[int, ...]:
+    """``(batch, [P,])`` when every site shares its position axes, else ``(batch,)``."""
+    leads = {v.shape[:-1] for v in g.values()}
+    return leads.pop() if len(leads) == 1 else next(iter(g.values())).shape[:1]
+
+
+def _batched_forward(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents,
+                     x: Array, masks: dict[str, Array], dmasks: dict[str, Array] | None = None,
+                     routes: dict[str, Array] | None = None):
+    """``(y, cache)`` of the masked pass over the batch (``x``, masks and routes have a
+    leading batch axis)."""
+    def one(xx, mk, d, r):
+        return spd_forward_sites(apply, params, sites, comps, xx, mk, r, d)
+
+    return jax.vmap(one)(x, masks, dmasks, routes)
+
+
+def _pgd_masks(g: dict[str, Array], sources: dict[str, Array], delta: bool
+               ) -> tuple[dict[str, Array], dict[str, Array] | None]:
+    """Masks ``g + (1 - g) s[..., :C]``; the delta channel ``s[..., C]`` is used raw."""
+    masks = {s: v + (1.0 - v) * sources[s][..., : v.shape[-1]] for s, v in g.items()}
+    if not delta:
+        return masks, None
+    return masks, {s: jnp.broadcast_to(sources[s][..., v.shape[-1]], v.shape[:-1])
+                   for s, v in g.items()}
+
+
+def _pgd_sources(g: dict[str, Array], pgd: PGDConfig, delta: bool, key: Key) -> dict[str, Array]:
+    out = {}
+    for i, (s, v) in enumerate(g.items()):
+        lead = (1,) * (v.ndim - 1) if pgd.shared else v.shape[:-1]
+        shape = (*lead, v.shape[-1] + int(delta))
+        if pgd.init == "random":
+            out[s] = jax.random.uniform(jax.random.fold_in(key, i), shape, v.dtype)
+        else:
+            out[s] = jnp.full(shape, 1.0 if pgd.init == "ones" else 0.0, v.dtype)
+    return out
+
+
+def _check_sources(fn: str, g: dict[str, Array], sources: dict[str, Array], delta: bool) -> None:
+    if set(sources) != set(g):
+        raise fail(fn, "sources", f"one array per site {sorted(g)}", sorted(sources))
+    for s, v in g.items():
+        want = v.shape[-1] + int(delta)
+        got = tuple(jnp.shape(sources[s]))
+        ok = (len(got) == v.ndim and got[-1] == want
+              and all(a in (1, b) for a, b in zip(got[:-1], v.shape[:-1], strict=True)))
+        if not ok:
+            lead = ", ".join(f"{b} or 1" for b in v.shape[:-1])
+            chan = f"C + 1 = {want}" if delta else f"C = {want}"
+            raise fail(fn, f"sources[{s!r}]", f"of shape ({lead}, {chan})", got,
+                       "With delta=True the last channel is the delta component's mask.")
+
+
+def _pgd_loss(comps: SPDComponents, params: PyTree, x: Array, y_t: Array, g: dict[str, Array],
+              sources: dict[str, Array], *, apply: Callable, sites: Sites, pgd: PGDConfig,
+              delta: bool, kind: str) -> tuple[Array, dict[str, Array]]:
+    """D at the sources after ``pgd.steps`` steps ``s <- clip(s + step sign(dD/ds), 0, 1)``
+    (a ``fori_loop`` on constant components), and the final sources. The final sources
+    are a leaf: the loss differentiates through the masks' ``g`` only."""
+    def objective(c, p, gg, s):
+        masks, dmasks = _pgd_masks(gg, s, delta)
+        return divergence(_batched_forward(apply, p, sites, c, x, masks, dmasks)[0], y_t, kind)
+
+    frozen = jax.lax.stop_gradient((comps, params, g))
+
+    def ascend(_, s):
+        grad = jax.grad(objective, argnums=3)(*frozen, s)
+        return jax.tree.map(lambda si, gi: jnp.clip(si + pgd.step_size * jnp.sign(gi), 0.0, 1.0),
+                            s, grad)
+
+    s = jax.lax.stop_gradient(jax.lax.fori_loop(0, pgd.steps, ascend, sources))
+    return objective(comps, params, g, s), s
+
+
+def pgd_recon(comps: SPDComponents, params: PyTree, x: Array, *, apply: Callable,
+              sites: Sites, pgd: PGDConfig | None = None, delta: bool = False,
+              gated: bool = False, divergence: str = "mse", key: Key,
+              sources: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
+    """PGD reconstruction on a batch ``x: (batch, *in)``: the divergence from the target
+    at adversarial mask sources, every site masked with ``g + (1 - g) s``.
+
+    Args:
+        pgd: steps, step size, init and sharing of the sources (default ``PGDConfig()``).
+        delta: whether the sources have the delta component's channel (``C + 1``).
+        divergence: ``"mse"`` or ``"kl"``.
+        key: draws the ``"random"`` initial sources.
+        sources: explicit initial sources ``{site: (batch or 1, [P or 1,] C [+ 1])}``
+            (overrides ``pgd.init``).
+
+    Returns:
+        ``(loss, final sources)``.
+
+    Raises:
+        ValueError: bad PGD settings or sources of the wrong shape.
+    """
+    fn = "pgd_recon"
+    pgd = PGDConfig() if pgd is None else pgd
+    check_pgd_config(fn, pgd)
+    check_in(fn, "divergence", divergence, DIVERGENCES)
+    y_t, cache = jax.vmap(lambda xx: forward_sites(apply, params, xx, sites.paths))(x)
+    g, _ = jax.vmap(lambda c: causal_importances(
+        comps, {s: a for s, (a, _) in c.items()}, gated=gated))(cache)
+    if sources is None:
+        sources = _pgd_sources(g, pgd, delta, key)
+    else:
+        _check_sources(fn, g, sources, delta)
+    return _pgd_loss(comps, params, x, y_t, g, sources, apply=apply, sites=sites, pgd=pgd,
+                     delta=delta, kind=divergence)
+
+
+def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply: Callable,
+             sites: Sites, cfg: SPDLossConfig, p: float | Array | None = None
+             ) -> tuple[Array, dict[str, Array]]:
+    """Total SPD loss on ``x: (batch, *in)`` and every term by name.
+
+    Masks are drawn freshly for each reconstruction loss from ``key``
+    (``fold_in(key, loss_id)``, then the site index). The layerwise loss masks one site
+    at a time, the other sites use the frozen target: one batched pass per site. (Vmapping
+    one-hot route vectors instead evaluates both the masked and the target branch of every
+    site for L x batch rows; measured 3x slower on resid-mlp-1 and 1.3x on tms-5-2, CPU.)
+    The subset loss routes a random subset of sites per example (position); the PGD loss
+    masks every site with adversarial sources; the hidden-activation loss compares every
+    site's output in the stochastic pass (same masks as ``stochastic_recon``) with the
+    target's. With ``cfg.delta`` each masked site adds its delta component.
+
+    Args:
+        p: the importance-minimality exponent of this step (see :func:`annealed_p`);
+            default ``cfg.p``.
+
+    Raises:
+        ValueError: bad settings in ``cfg``.
+    """
+    check_loss_config("spd_loss", cfg)
+    y_t, cache = jax.vmap(lambda xx: forward_sites(apply, params, xx, sites.paths))(x)
+    inputs = {s: a for s, (a, _) in cache.items()}
+    g, g_up = causal_importances(comps, inputs, gated=cfg.gated)  # batched: one MLP call per site
+    aux: dict[str, Array] = {}
+    total = 0.0
+
+    def dist(y):
+        return divergence(y, y_t, cfg.divergence)
+
+    def draws(loss_id):
+        k = jax.random.fold_in(key, loss_id)
+        return k, stochastic_masks(g, k), delta_masks(g, k) if cfg.delta else None
+
+    if cfg.c_faith is not None:
+        aux["faithfulness"] = faithfulness_loss(params, comps, sites)
+        total = total + cfg.c_faith * aux["faithfulness"]
+    if cfg.c_stoch is not None or cfg.c_hidden_recon is not None:
+        _, masks, dm = draws(STOCHASTIC)
+        y, cache_m = _batched_forward(apply, params, sites, comps, x, masks, dm)
+        if cfg.c_stoch is not None:
+            aux["stochastic_recon"] = dist(y)
+            total = total + cfg.c_stoch * aux["stochastic_recon"]
+        if cfg.c_hidden_recon is not None:
+            aux["hidden_recon"] = jnp.mean(jnp.stack(
+                [jnp.mean((cache_m[s][1] - cache[s][1]) ** 2) for s in sites.names]))
+            total = total + cfg.c_hidden_recon * aux["hidden_recon"]
+    if cfg.c_layerwise is not None:
+        _, masks, dm = draws(LAYERWISE)
+        aux["layerwise_recon"] = jnp.mean(jnp.stack(
+            [dist(_batched_forward(apply, params, sites, comps, x, {s: masks[s]},
+                                   None if dm is None else {s: dm[s]})[0])
+             for s in sites.names]))
+        total = total + cfg.c_layerwise * aux["layerwise_recon"]
+    if cfg.c_subset is not None:
+        k, masks, dm = draws(SUBSET)
+        routes = subset_routes(sites.names, _route_shape(g), jax.random.fold_in(k, ROUTE_KEY))
+        aux["subset_recon"] = dist(_batched_forward(apply, params, sites, comps, x, masks, dm,
+                                                    routes)[0])
+        total = total + cfg.c_subset * aux["subset_recon"]
+    if cfg.c_pgd is not None:
+        src = _pgd_sources(g, cfg.pgd, cfg.delta, jax.random.fold_in(key, PGD))
+        aux["pgd_recon"], _ = _pgd_loss(comps, params, x, y_t, g, src, apply=apply,
+                                        sites=sites, pgd=cfg.pgd, delta=cfg.delta,
+                                        kind=cfg.divergence)
+        total = total + cfg.c_pgd * aux["pgd_recon"]
+    if cfg.c_imp is not None:
+        aux["importance_minimality"] = importance_minimality(g_up, cfg.p if p is None else p,
+                                                             cfg.beta)
+        total = total + cfg.c_imp * aux["importance_minimality"]
+    aux["ci_l0"] = sum(jnp.mean(jnp.sum(v > 0.1, axis=-1)) for v in g.values())
+    return total, aux
