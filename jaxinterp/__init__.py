@@ -3,9 +3,11 @@
 __version__ = "0.1.0"
 
 from . import decomposition as decomposition
+from . import graph as graph
 from . import interventions as interventions
 from . import io as io
 from . import jacobians as jacobians
+from . import lib as lib
 from . import models as models
 from . import rng as rng
 from . import target as target
