@@ -225,3 +225,36 @@ def test_resid_evaluation_reports_neuron_contributions(tmp_path):
         assert -1.0 <= m["nc_pearson_r"] <= 1.0 and np.isfinite(m["nc_slope"])
         assert m["nc_pairs"] >= 2
         assert (tmp_path / "subcomponents_layers0_mlp_in.png").exists()
+
+
+@pytest.mark.parametrize("shape", [(5,), (7, 5), (3, 4, 5), (300, 5)])
+def test_scalar_mlps_match_autodiff_of_exact_gelu(shape, getkey, monkeypatch):
+    """The custom-VJP CI MLPs equal autodiff of ``jax.nn.gelu(approximate=False)``, values
+    and all five gradients, for any leading axes, also when split into several chunks."""
+    from jaxinterp.decomposition.spd import core
+
+    monkeypatch.setattr(core, "_CHUNK_FLOATS", 1000)  # (300, 5) with H=6: 9 chunks
+    C, H = shape[-1], 6
+    h = jax.random.normal(getkey(), shape, jnp.float64)
+    params = (jax.random.normal(getkey(), (C, H), jnp.float64),
+              jax.random.normal(getkey(), (C, H), jnp.float64),
+              jax.random.normal(getkey(), (C, H), jnp.float64),
+              jax.random.normal(getkey(), (C,), jnp.float64))
+
+    lead = (1,) * (len(shape) - 1)
+
+    def reference(h, w_in, b_in, w_out, b_out):
+        w_in, b_in, w_out = (w.reshape(lead + w.shape) for w in (w_in, b_in, w_out))
+        hid = jax.nn.gelu(h[..., None] * w_in + b_in, approximate=False)
+        return jnp.sum(hid * w_out, axis=-1) + b_out.reshape(lead + b_out.shape)
+
+    def loss(f):
+        return lambda *a: jnp.sum(jnp.sin(3.0 * f(*a)))
+
+    np.testing.assert_allclose(spd.scalar_mlps(h, *params), reference(h, *params), rtol=1e-12,
+                               atol=1e-12)
+    got = jax.grad(loss(spd.scalar_mlps), argnums=(0, 1, 2, 3, 4))(h, *params)
+    want = jax.grad(loss(reference), argnums=(0, 1, 2, 3, 4))(h, *params)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
