@@ -12,6 +12,7 @@ References:
 from . import ablation as ablation
 from . import adapters as adapters
 from . import basis as basis
+from . import dense as dense
 from . import edges as edges
 from . import figures as figures
 from . import fourier as fourier

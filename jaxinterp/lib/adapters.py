@@ -25,7 +25,15 @@ import jax.numpy as jnp
 from .._checks import fail
 from .._types import Array
 from ..models.modadd import Attention, ModAddTransformer
-from .sections import ACTIVATIONS, AbstractSection, DenseSection, Sectioned
+from .sections import (
+    ACTIVATIONS,
+    AbstractSection,
+    DenseSection,
+    HiddenLayerFactors,
+    Sectioned,
+    StructuredJacobian,
+    fold_readout,
+)
 
 __all__ = [
     "ModAddAttentionSection",
@@ -131,6 +139,73 @@ class ModAddAttentionSection(AbstractSection):
         out = jnp.einsum("he,hed->d", z, at.W_O) + c[-1] * at.b_O
         return (h[-1] + out)[None, :], c[-1:]
 
+    def features(self, h, c, C, *, last):
+        """``[h_last + sum_k pattern_k v_k W_O + c b_O, c] @ C`` with ``W_V W_O C`` per head
+        contracted first: a tangent of ``h`` then reaches the output through one
+        example-independent product and the attention pattern (no ``W_O`` per example)."""
+        at, dt = self.attn, h.dtype
+        d = at.W_O.shape[-1]
+        cc = c[:, None, None]
+        q = jnp.einsum("d,hde->he", h[-1], at.W_Q) + c[-1] * at.b_Q
+        k = jnp.einsum("pd,hde->phe", h, at.W_K) + cc * at.b_K[None]
+        pattern = jax.nn.softmax(jnp.einsum("he,khe->hk", q, k) / at.W_Q.shape[-1] ** 0.5, axis=-1)
+        c_out = jnp.asarray(C[:d], dt)
+        w_o = jnp.einsum("hed,dm->hem", jnp.asarray(at.W_O, dt), c_out)  # (H, e, m)
+        vc = jnp.einsum("hde,hem->hdm", jnp.asarray(at.W_V, dt), w_o)
+        bvc = jnp.einsum("he,hem->hm", jnp.asarray(at.b_V, dt), w_o)
+        hv = jnp.einsum("pd,hdm->phm", h, vc) + c[:, None, None] * bvc[None]  # (P, H, m)
+        out = h[-1] @ c_out + jnp.einsum("hp,phm->m", pattern, hv)
+        out = out + c[-1] * (jnp.asarray(at.b_O, dt) @ c_out)
+        if not last:
+            out = out + c[-1] * jnp.asarray(C[d], dt)
+        return out[None, :]
+
+    def structured_jacobian(self, h, c, C, *, last):
+        """``d features / d y_s = sum_h pattern[h, s] K_h + [s = last] K_const + sum_{h,p}
+        g[s, (h, p)] u_(h, p)`` for the folded input rows ``y_s = [h_s, c_s]``:
+
+        * value paths ``K_h = V_h W_O^h C`` (``V_h = [W_V^h; b_V^h]``);
+        * residual and biases ``K_const = [C; b_O C + C_c]``;
+        * the scores ``sigma_hp = q_h . k_hp / sqrt(e)`` move the output by
+          ``sum_p d sigma_hp u_hp`` with ``u_hp = pattern_hp (v_hp - z_h) W_O^h C``
+          (softmax), and ``d sigma_hp = dy_last . g_q + dy_p . g_k`` with
+          ``g_q = Q_h k_hp / sqrt(e)``, ``g_k = K_h q_h / sqrt(e)``.
+        """
+        at, dt = self.attn, h.dtype
+        d, e = at.W_O.shape[-1], at.W_Q.shape[-1]
+        p_in = h.shape[0]
+        c_out = jnp.asarray(C[:d], dt)
+
+        def folded(w: Array, b: Array) -> Array:  # (H, d + 1, e): bias as the last row
+            return jnp.concatenate([jnp.asarray(w, dt), jnp.asarray(b, dt)[:, None, :]], axis=1)
+
+        wq, wk, wv = folded(at.W_Q, at.b_Q), folded(at.W_K, at.b_K), folded(at.W_V, at.b_V)
+        y = jnp.concatenate([h, c[:, None].astype(dt)], axis=1)  # (P, d + 1)
+        q = jnp.einsum("i,hie->he", y[-1], wq)
+        k = jnp.einsum("pi,hie->phe", y, wk)
+        v = jnp.einsum("pi,hie->phe", y, wv)
+        pattern = jax.nn.softmax(jnp.einsum("he,phe->hp", q, k) / e**0.5, axis=-1)  # (H, P)
+        z = jnp.einsum("hp,phe->he", pattern, v)
+        w_oc = jnp.einsum("hed,dm->hem", jnp.asarray(at.W_O, dt), c_out)  # (H, e, m)
+        k_heads = jnp.einsum("hie,hem->him", wv, w_oc)  # (H, d + 1, m)
+        b_o = jnp.asarray(at.b_O, dt) @ c_out
+        k_const = jnp.concatenate([c_out, (b_o if last else b_o + C[d])[None]], axis=0)
+        is_last = (jnp.arange(p_in) == p_in - 1).astype(dt)
+        coef = jnp.concatenate([pattern.T, is_last[:, None]], axis=1)  # (P, H + 1)
+        u = jnp.einsum("hp,phe,hem->hpm", pattern, v - z[None], w_oc)  # (H, P, m)
+        g_q = jnp.einsum("hie,phe->hpi", wq, k) / e**0.5  # query path, at the last position
+        g_k = jnp.einsum("hie,he->hi", wk, q) / e**0.5  # key path, at position p
+        g = is_last[:, None, None, None] * g_q[None] + (
+            jnp.eye(p_in, dtype=dt)[:, None, :, None] * g_k[None, :, None, :]
+        )  # (P_in, H, P, d + 1)
+        n_heads = pattern.shape[0]
+        return StructuredJacobian(
+            coef=coef,
+            K=jnp.concatenate([k_heads, k_const[None]], axis=0),
+            g=g.reshape(p_in, n_heads * p_in, d + 1),
+            u=u.reshape(n_heads * p_in, -1),
+        )
+
 
 class ResidualMLPSection(AbstractSection):
     """``resid_mid -> resid_post``: ``h + ReLU(h W_in + c b_in) W_out + c b_out``."""
@@ -144,6 +219,25 @@ class ResidualMLPSection(AbstractSection):
         cc = c[:, None]
         post = jax.nn.relu(h @ self.W_in + cc * self.b_in[None])
         return h + post @ self.W_out + cc * self.b_out[None], c
+
+    def hidden_layer_factors(self, C, *, last, dtype):
+        d = self.W_out.shape[1]
+        C = jnp.asarray(C, dtype)
+        b_out = jnp.asarray(self.b_out, dtype) @ C[:d]
+        e = jnp.concatenate([C[:d], (b_out if last else b_out + C[d])[None]], axis=0)
+        a = jnp.concatenate([jnp.asarray(self.W_in, dtype), jnp.asarray(self.b_in, dtype)[None]])
+        return HiddenLayerFactors(
+            E=e, A=a, B=jnp.asarray(self.W_out, dtype) @ C[:d], activation="relu"
+        )
+
+    def features(self, h, c, C, *, last):
+        """``[h + ReLU(.) W_out + c b_out, c] @ C`` with ``W_out C`` contracted first."""
+        d = self.W_out.shape[1]
+        cc = c[:, None]
+        post = jax.nn.relu(h @ self.W_in + cc * self.b_in[None])
+        wc, bc = fold_readout(self.W_out, self.b_out, C[:d], h.dtype)
+        out = h @ jnp.asarray(C[:d], h.dtype) + post @ wc + cc * bc[None]
+        return out if last else out + cc * jnp.asarray(C[d], h.dtype)[None]
 
 
 def modadd_sections(model: ModAddTransformer) -> Sectioned:

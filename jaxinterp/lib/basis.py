@@ -12,6 +12,12 @@ LIB is built backward from the output. At node layer ``l`` (from ``L - 1`` down 
 Then ``f_hat = f C`` has ``E[f_hat^T f_hat] = diag(Lambda)`` and ``C^+ C = I``. The output
 layer is not rotated (``C_L = I``) unless ``rotate_final`` (uncentred PCA there).
 
+``M`` is accumulated directly along the rows of ``R^+`` (:func:`~.grams.jacobian_gram`
+with ``directions``), by the cheapest exact route the section offers (hidden-layer
+moments, a structured Jacobian, or dense forward-mode Jacobians). The host-side linear
+algebra (Grams, ``eigh``) runs on one BLAS thread for layers up to 1024 wide
+(:func:`~.stats.host_blas`).
+
 References:
     Bushnaq et al. (2024), "The Local Interaction Basis: Identifying
     Computationally-Relevant and Sparsely Interacting Features in Neural Networks"
@@ -33,8 +39,14 @@ from .._checks import check_finite_host, check_in, check_positive, fail
 from .._types import Array, Key
 from .grams import IG_FORMULAS, ig_grams, jacobian_gram
 from .quadrature import Quadrature, quadrature
-from .sections import FoldedSection, Sectioned, collect_activations
-from .stats import PCA, layer_stats, pca, sign_fix
+from .sections import (
+    FoldedSection,
+    HiddenLayerFactors,
+    Sectioned,
+    StructuredJacobian,
+    collect_activations,
+)
+from .stats import PCA, host_blas, layer_stats, pca, sign_fix
 
 __all__ = [
     "BASES",
@@ -116,9 +128,21 @@ class NextFeatures(eqx.Module):
     C_next: Any
 
     def __call__(self, y: Array) -> Array:
-        for step in self.steps:
+        for step in self.steps[:-1]:
             y = step(y)
-        return y @ self.C_next
+        return self.steps[-1].features(y, self.C_next)
+
+    def structured_jacobian(self, y: Array) -> StructuredJacobian | None:
+        """``d F / d y`` as a :class:`~.sections.StructuredJacobian` (one section only)."""
+        if len(self.steps) != 1:
+            return None
+        return self.steps[0].structured_jacobian(y, self.C_next)
+
+    def hidden_layer_factors(self, dtype: Any) -> HiddenLayerFactors | None:
+        """``F`` as :class:`~.sections.HiddenLayerFactors` (one section only)."""
+        if len(self.steps) != 1:
+            return None
+        return self.steps[0].hidden_layer_factors(self.C_next, dtype)
 
 
 def next_features(
@@ -171,11 +195,11 @@ def _neuron_basis(name: str, acts: np.ndarray) -> LayerBasis:
 
 
 def _rotate(
-    p: PCA, m_dash: np.ndarray, lam_dash: np.ndarray | None, tau: float, tau_relative: float | None
+    p: PCA, m: np.ndarray, lam_dash: np.ndarray | None, tau: float, tau_relative: float | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """``V`` and ``Lambda`` from ``M'`` (and ``Lambda'`` for the IG variants)."""
+    """``V`` and ``Lambda`` from the whitened ``M = R^+ M' R^+^T`` (and ``Lambda'`` for
+    the IG variants)."""
     r, r_pinv = p.R, p.R_pinv
-    m = r_pinv @ m_dash @ r_pinv.T
     m = (m + m.T) / 2
     k = m.shape[0]
     start = 1 if p.constant else 0
@@ -232,8 +256,10 @@ def interaction_basis(
         naive_gradient_flow: Jacobians to the output instead of the next node layer.
         sources: stochastic sources ``(r_positions, r_hidden)`` for ``M'`` (``None``
             entries are exact); needs ``key``.
-        chunk_size: examples per chunk of the Gram accumulations.
-        cotangent_chunk_size: cotangents per vmapped pullback.
+        chunk_size: examples per chunk of the Gram accumulations (an upper bound: the
+            exact dense path sizes its chunks for the cache, :func:`~.grams.jacobian_gram`).
+        cotangent_chunk_size: cotangents per vmapped pullback (stochastic sources and
+            layers with many positions; the exact path needs none).
         acts: node-layer activations from :func:`collect_activations` (float64), to
             skip recomputing them.
         key: PRNG key (stochastic sources only), keyword-last.
@@ -266,56 +292,59 @@ def interaction_basis(
             acts = collect_activations(sectioned, xs, dtype=jnp.float64)
         if len(acts) != sectioned.n_layers:
             raise fail(fn, "acts", f"{sectioned.n_layers} node layers", len(acts))
-        names, last = sectioned.names, sectioned.n_layers - 1
         layers: list[LayerBasis] = [None] * sectioned.n_layers  # type: ignore[list-item]
-        layers[last] = _output_basis(names[last], np.asarray(acts[last]), rotate_final, tau)
-        for li in reversed(range(last)):
-            f = np.asarray(acts[li], np.float64)
-            if basis == "neuron":
-                layers[li] = _neuron_basis(names[li], f)
-                continue
-            st = layer_stats(f, center=center)
-            p = pca(st, tau=tau, tau_relative=tau_relative)
-            if basis == "pca":
+        with host_blas(max(np.shape(a)[-1] for a in acts)):
+            names, last = sectioned.names, sectioned.n_layers - 1
+            layers[last] = _output_basis(names[last], np.asarray(acts[last]), rotate_final, tau)
+            for li in reversed(range(last)):
+                f = np.asarray(acts[li], np.float64)
+                if basis == "neuron":
+                    layers[li] = _neuron_basis(names[li], f)
+                    continue
+                st = layer_stats(f, center=center)
+                p = pca(st, tau=tau, tau_relative=tau_relative)
+                if basis == "pca":
+                    layers[li] = LayerBasis(
+                        name=names[li],
+                        C=p.W,
+                        C_pinv=p.W_pinv,
+                        lambdas=p.D,
+                        W=p.W,
+                        W_pinv=p.W_pinv,
+                        V=None,
+                        mean=st.mean,
+                        constant=p.constant,
+                    )
+                    continue
+                c_next = layers[last if naive_gradient_flow else li + 1].C
+                F = next_features(sectioned, li, c_next, naive=naive_gradient_flow)
+                ys = jnp.asarray(f)
+                if basis == "jacobian":  # M = R^+ M' R^+^T, accumulated directly
+                    m = jacobian_gram(
+                        F,
+                        ys,
+                        chunk_size=chunk_size,
+                        cotangent_chunk_size=cotangent_chunk_size,
+                        sources=sources,
+                        directions=p.R_pinv,
+                        key=key,
+                    )
+                    lam_dash = None
+                else:
+                    m_dash, lam_dash = ig_grams(F, ys, quad, basis, chunk_size=chunk_size)
+                    m = p.R_pinv @ m_dash @ p.R_pinv.T
+                check_finite_host(fn, f"M' at node layer {names[li]!r}", m)
+                v, lam, _, constant = _rotate(p, m, lam_dash, tau, tau_relative)
+                root = np.sqrt(lam)
                 layers[li] = LayerBasis(
                     name=names[li],
-                    C=p.W,
-                    C_pinv=p.W_pinv,
-                    lambdas=p.D,
+                    C=p.R @ v * root[None, :],
+                    C_pinv=(v.T @ p.R_pinv) / root[:, None],
+                    lambdas=lam,
                     W=p.W,
                     W_pinv=p.W_pinv,
-                    V=None,
+                    V=v,
                     mean=st.mean,
-                    constant=p.constant,
+                    constant=constant,
                 )
-                continue
-            c_next = layers[last if naive_gradient_flow else li + 1].C
-            F = next_features(sectioned, li, c_next, naive=naive_gradient_flow)
-            ys = jnp.asarray(f)
-            if basis == "jacobian":
-                m_dash = jacobian_gram(
-                    F,
-                    ys,
-                    chunk_size=chunk_size,
-                    cotangent_chunk_size=cotangent_chunk_size,
-                    sources=sources,
-                    key=key,
-                )
-                lam_dash = None
-            else:
-                m_dash, lam_dash = ig_grams(F, ys, quad, basis, chunk_size=chunk_size)
-            check_finite_host(fn, f"M' at node layer {names[li]!r}", m_dash)
-            v, lam, _, constant = _rotate(p, m_dash, lam_dash, tau, tau_relative)
-            root = np.sqrt(lam)
-            layers[li] = LayerBasis(
-                name=names[li],
-                C=p.R @ v * root[None, :],
-                C_pinv=(v.T @ p.R_pinv) / root[:, None],
-                lambdas=lam,
-                W=p.W,
-                W_pinv=p.W_pinv,
-                V=v,
-                mean=st.mean,
-                constant=constant,
-            )
     return InteractionBasis(layers=tuple(layers), basis=basis)

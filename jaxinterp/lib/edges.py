@@ -7,9 +7,23 @@ coordinates), the attribution of input node ``j`` to output node ``i`` is
                     * x_hat[b, s, j],
 
 which is exactly ONE JVP of ``module_hat`` with the tangent ``T_j = x_hat * e_j`` (column
-``j`` of ``x_hat``, zero elsewhere). The ``m_l`` tangents are vmapped in chunks
-(``lax.map(..., batch_size=)``) and data chunks are summed in float64. Edge matrices are
-``E^l: (m_{l+1}, m_l)``, output node first, normalised by the input positions ``P_l``:
+``j`` of ``x_hat``, zero elsewhere). Two evaluations, both summed over data chunks in
+float64:
+
+* dense (few input positions, ``P_l <= DENSE_MAX_POSITIONS``; the default for MLPs and
+  mod-add): the full per-example Jacobian ``d module_hat / d x_hat`` by forward mode along
+  the one-hot tangents ``e_{s,j}``, which do not depend on the example, so ``C_l^+``
+  and the section's first linear map are applied to them once (:mod:`.dense`), and
+  ``C_{l+1}`` is contracted into its last one (:meth:`~.sections.AbstractSection.features`);
+  then ``A = sum_s x_hat[b, s, j] J[b, s, j, ...]``. A linear section's Jacobian does not
+  depend on the example and is evaluated once. A section with a
+  :class:`~.sections.StructuredJacobian` (attention) skips the dense Jacobian:
+  ``A = sum_r (sum_s x_hat coef_r) K_r + sum_q (sum_s x_hat g_q) u_q``;
+* columns (many positions): the ``m_l`` tangents ``T_j`` vmapped in chunks
+  (``lax.map(..., batch_size=)``), one JVP each per example.
+
+Edge matrices are ``E^l: (m_{l+1}, m_l)``, output node first, normalised by the input
+positions ``P_l``:
 
 * ``squared``: ``E_ij = (1/(N P_l)) sum_{b,t} A[b,t,i,j]^2`` (>= 0);
 * ``stochastic``: ``(1/(N P_l r)) sum_{b,draws} (sum_t phi_t A[b,t,i,j])^2`` with random
@@ -38,9 +52,15 @@ from .._checks import check_in, check_positive, fail
 from .._types import Array, Key
 from ..graph import Graph, NodeLayer
 from .basis import InteractionBasis
+from .dense import (
+    DENSE_MAX_POSITIONS,
+    dense_chunk,
+    directional_jacobian,
+    structured_jacobians,
+)
 from .quadrature import Quadrature, quadrature
-from .sections import FoldedSection, Sectioned, collect_activations
-from .stats import chunked_sum
+from .sections import FoldedSection, Sectioned, StructuredJacobian, collect_activations
+from .stats import chunked_sum, host_blas
 
 __all__ = [
     "EDGE_KINDS",
@@ -69,7 +89,18 @@ class ModuleHat(eqx.Module):
     C_next: Any
 
     def __call__(self, xh: Array) -> Array:
-        return self.step(xh @ self.C_pinv) @ self.C_next
+        return self.step.features(xh @ self.C_pinv, self.C_next)
+
+    def structured_jacobian(self, xh: Array) -> StructuredJacobian | None:
+        """``d module_hat / d x_hat`` as a :class:`~.sections.StructuredJacobian`: the
+        section's, with ``C^+`` applied on the input side."""
+        sj = self.step.structured_jacobian(xh @ self.C_pinv, self.C_next)
+        if sj is None:
+            return None
+        c_pinv = jnp.asarray(self.C_pinv, xh.dtype)
+        return sj._replace(
+            K=jnp.einsum("ji,rix->rjx", c_pinv, sj.K), g=jnp.einsum("ji,sqi->sqj", c_pinv, sj.g)
+        )
 
 
 def module_hat(sectioned: Sectioned, ib: InteractionBasis, layer: int) -> ModuleHat:
@@ -100,8 +131,10 @@ def layer_edges(
         kind: one of :data:`EDGE_KINDS`.
         quad: quadrature rule (default: gradient).
         n_sources: random-sign draws per example (``stochastic``).
-        chunk_size: examples per chunk.
-        tangent_chunk_size: tangents per vmapped JVP batch; ``None``: all ``m``.
+        chunk_size: examples per chunk (an upper bound: the dense path uses smaller
+            chunks when one example's Jacobian is large).
+        tangent_chunk_size: tangents per vmapped JVP batch (``P m`` of them on the dense
+            path, ``m`` on the column path); ``None``: all at once.
         key: PRNG key (``stochastic`` only).
 
     Returns:
@@ -118,21 +151,74 @@ def layer_edges(
         raise fail(fn, "key", "a PRNG key for stochastic edges", None)
     quad = quad if quad is not None else quadrature("gradient")
     n, p, m = xh.shape
-    tc = m if tangent_chunk_size is None else int(tangent_chunk_size)
+    tc = p * m if tangent_chunk_size is None else int(tangent_chunk_size)
     check_positive(fn, "tangent_chunk_size", tc, integer=True)
     with jax.enable_x64(True):
-        total = _edge_sums(
-            mhat,
-            jnp.asarray(xh, jnp.float64),
-            jnp.asarray(quad.alphas, jnp.float64),
-            jnp.asarray(quad.weights, jnp.float64),
-            kind,
-            int(n_sources),
-            int(chunk_size),
-            min(tc, m),
-            key,
-        )
+        xh = jnp.asarray(xh, jnp.float64)
+        alphas = jnp.asarray(quad.alphas, jnp.float64)
+        weights = jnp.asarray(quad.weights, jnp.float64)
+        if p <= DENSE_MAX_POSITIONS:
+            p_out, m_out = jax.eval_shape(mhat, jax.ShapeDtypeStruct((p, m), xh.dtype)).shape
+            entries = len(quad.alphas) * p * m * p_out * m_out
+            chunk = dense_chunk(chunk_size, entries, n)
+            total = _dense_edge_sums(
+                mhat, xh, alphas, weights, kind, int(n_sources), chunk, min(tc, p * m), key
+            )
+        else:
+            total = _edge_sums(
+                mhat, xh, alphas, weights, kind, int(n_sources), int(chunk_size), min(tc, m), key
+            )
         return np.asarray(total, np.float64) / (n * p)
+
+
+@eqx.filter_jit
+def _dense_edge_sums(
+    mhat: Callable[[Array], Array],
+    xh: Array,
+    alphas: Array,
+    weights: Array,
+    kind: str,
+    n_sources: int,
+    chunk_size: int,
+    tangent_chunk: int,
+    key: Key | None,
+) -> Array:
+    """Unnormalised edges ``(m', m)`` from dense per-example Jacobians."""
+    m = xh.shape[-1]
+    m_out = jax.eval_shape(mhat, xh[0]).shape[-1]
+    eye = jnp.eye(m, dtype=xh.dtype)
+    batched = jax.vmap(mhat)
+
+    def attributions(x: Array, alpha: Array) -> Array:
+        """``A[b, t, i, j] = sum_s x[b, s, j] d mhat_{t,i} / d y_{s,j}`` at ``alpha x``."""
+        sj = structured_jacobians(mhat, alpha * x)
+        if sj is not None:  # sum_r (sum_s x coef) K_r + sum_q (sum_s x g_q) u_q
+            a = jnp.einsum("bsj,bsr->bjr", x, sj.coef)
+            a = jnp.einsum("bjr,rjx->bjx", a, sj.K)
+            a = a + jnp.einsum("bjq,bqx->bjx", jnp.einsum("bsj,bsqj->bjq", x, sj.g), sj.u)
+            p_out = sj.u.shape[-1] // m_out
+            return jnp.moveaxis(a.reshape(x.shape[0], m, p_out, m_out), 1, -1)
+        jac, per_example = directional_jacobian(mhat, alpha * x, eye, direction_chunk=tangent_chunk)
+        if per_example:
+            return jnp.einsum("bsj,bsjti->btij", x, jac)
+        return jnp.einsum("bsj,sjti->btij", x, jac)
+
+    def per_chunk(x: Array, mask: Array, idx: Array) -> Array:
+        a_q = jax.vmap(attributions, in_axes=(None, 0))(x, alphas)  # (Q, b, P', m', m)
+        if kind == "functional":
+            diff = batched(x)[None] - jax.vmap(lambda a: batched(a * x))(alphas)  # (Q, b, P', m')
+            per = 2.0 * jnp.einsum("q,qbti,qbtij->bij", weights, diff, a_q)
+            return jnp.einsum("b,bij->ij", mask, per)
+        a = jnp.tensordot(weights, a_q, axes=1)  # (b, P', m', m)
+        if kind == "squared" or key is None:
+            return jnp.einsum("b,btij->ij", mask, a**2)
+        phi = jax.random.rademacher(
+            jax.random.fold_in(key, idx), (n_sources, x.shape[0], a.shape[1]), dtype=jnp.float64
+        )
+        sig = jnp.einsum("rbt,btij->rbij", phi, a)
+        return jnp.einsum("b,rbij->ij", mask, sig**2) / n_sources
+
+    return chunked_sum(per_chunk, xh, chunk_size=chunk_size)
 
 
 @eqx.filter_jit
@@ -200,7 +286,7 @@ def interaction_edges(
         kind: one of :data:`EDGE_KINDS`.
         rule, n_intervals: quadrature over ``alpha`` (default: the gradient rule).
         n_sources: random-sign draws per example for ``stochastic`` edges.
-        chunk_size: examples per chunk.
+        chunk_size: examples per chunk (an upper bound, see :func:`layer_edges`).
         tangent_chunk_size: tangents per vmapped JVP batch (``None``: all at once).
         acts: float64 node-layer activations, to skip recomputing them.
         key: PRNG key (``stochastic`` only), keyword-last.
@@ -220,21 +306,22 @@ def interaction_edges(
     with jax.enable_x64(True):
         if acts is None:
             acts = collect_activations(sectioned, xs, dtype=jnp.float64)
-        for li in range(sectioned.n_layers - 1):
-            xh = jnp.asarray(np.asarray(acts[li], np.float64) @ ib.layers[li].C)
-            k = None if key is None else jax.random.fold_in(key, li)
-            out.append(
-                layer_edges(
-                    module_hat(sectioned, ib, li),
-                    xh,
-                    kind=kind,
-                    quad=quad,
-                    n_sources=n_sources,
-                    chunk_size=chunk_size,
-                    tangent_chunk_size=tangent_chunk_size,
-                    key=k,
+        with host_blas(max(np.shape(a)[-1] for a in acts)):
+            for li in range(sectioned.n_layers - 1):
+                xh = jnp.asarray(np.asarray(acts[li], np.float64) @ ib.layers[li].C)
+                k = None if key is None else jax.random.fold_in(key, li)
+                out.append(
+                    layer_edges(
+                        module_hat(sectioned, ib, li),
+                        xh,
+                        kind=kind,
+                        quad=quad,
+                        n_sources=n_sources,
+                        chunk_size=chunk_size,
+                        tangent_chunk_size=tangent_chunk_size,
+                        key=k,
+                    )
                 )
-            )
     return tuple(out)
 
 

@@ -17,6 +17,13 @@ names, and exposes each section as a function of the folded activation
 collected by running the sections (:func:`collect_activations`), or, for the toy models,
 read from their ``forward_with_cache`` (:func:`cached_inputs`).
 
+LIB differentiates ``S_l(y) C_{l+1}`` once per example and direction, so sections may
+say more about that function than ``__call__`` does (all optional, all exact):
+``features`` evaluates it with ``C_{l+1}`` contracted into the last weight matrix;
+``hidden_layer_factors`` describes a one-hidden-layer section (:class:`HiddenLayerFactors`)
+and ``structured_jacobian`` a Jacobian made of a few fixed matrices plus a low-rank part
+(:class:`StructuredJacobian`).
+
 References:
     Bushnaq et al. (2024), "The Local Interaction Basis: Identifying
     Computationally-Relevant and Sparsely Interacting Features in Neural Networks"
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -43,10 +50,13 @@ __all__ = [
     "DenseSection",
     "FoldedSection",
     "FunctionSection",
+    "HiddenLayerFactors",
     "PositionwiseSection",
     "Sectioned",
+    "StructuredJacobian",
     "cached_inputs",
     "collect_activations",
+    "fold_readout",
 ]
 
 # Activations with act(1) = 1, so the constant coordinate is copied through (root = 1).
@@ -54,6 +64,48 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
     "identity": lambda x: x,
 }
+
+
+class HiddenLayerFactors(NamedTuple):
+    """A section in a next-layer basis that is one hidden layer at every position:
+    ``F(y)_s = y_s E + act(y_s A) B`` for each folded input row ``y_s: (d_in,)``, so its
+    Jacobian is ``E + A diag(act'(y_s A)) B``.
+
+    Attributes:
+        E: the linear part (skip connection, folded biases), ``(d_in, m)``.
+        A: into the hidden layer, biases as the last row, ``(d_in, n_hidden)``.
+        B: out of it, basis applied, ``(n_hidden, m)``.
+        activation: a name in :data:`ACTIVATIONS`.
+    """
+
+    E: Array
+    A: Array
+    B: Array
+    activation: str
+
+
+class StructuredJacobian(NamedTuple):
+    """The Jacobian of a section-level function of ONE example ``y: (P, d) -> (P', m)``
+    as a few example-independent matrices plus a low-rank part:
+
+        d F / d y[s, :] = sum_r coef[s, r] K[r] + sum_q g[s, q] (outer) u[q]    (d, P' m),
+
+    with the output flattened. Attention, for instance: ``K`` are the per-head value
+    paths ``W_V W_O C`` (coefficients: the attention pattern), ``g (x) u`` the query/key
+    paths. LIB's Gram and edges then cost ``O(R + Q)`` per output entry instead of a
+    dense Jacobian (:mod:`.dense`).
+
+    Attributes:
+        coef: ``(P, R)``.
+        K: ``(R, d, P' m)``, the same for every example.
+        g: ``(P, Q, d)``.
+        u: ``(Q, P' m)``.
+    """
+
+    coef: Array
+    K: Array
+    g: Array
+    u: Array
 
 
 class AbstractSection(eqx.Module):
@@ -70,6 +122,37 @@ class AbstractSection(eqx.Module):
         self, h: Float[Array, "P_in w_in"], c: Float[Array, " P_in"]
     ) -> tuple[Float[Array, "P_out w_out"], Float[Array, " P_out"]]:
         raise NotImplementedError
+
+    def features(
+        self, h: Float[Array, "P_in w_in"], c: Float[Array, " P_in"], C: Array, *, last: bool
+    ) -> Float[Array, "P_out m"]:
+        """The folded output in a basis of the next node layer, ``S(h, c) @ C``, for ONE
+        example (``last``: the output layer, which has no constant coordinate).
+
+        Override to contract ``C`` into the section's final linear map (``W_out @ C``):
+        the result is the same function, but its Jacobians along example-independent
+        tangents skip one product per example (LIB's Grams and edges, :mod:`.dense`).
+        """
+        h_out, c_out = self(h, c)
+        if not last:
+            h_out = jnp.concatenate([h_out, c_out[:, None].astype(h_out.dtype)], axis=1)
+        return h_out @ C
+
+    def hidden_layer_factors(
+        self, C: Array, *, last: bool, dtype: Any
+    ) -> HiddenLayerFactors | None:
+        """``features(., ., C)`` as :class:`HiddenLayerFactors` in ``dtype``, if the section
+        is one position-wise hidden layer (then LIB's Gram ``M`` needs only the hidden
+        layer's second moment, not per-example Jacobians); ``None`` otherwise."""
+        return None
+
+    def structured_jacobian(
+        self, h: Float[Array, "P_in w_in"], c: Float[Array, " P_in"], C: Array, *, last: bool
+    ) -> StructuredJacobian | None:
+        """The Jacobian of ``features(h, c, C)`` with respect to the folded input ``[h, c]``
+        at ONE example, as a :class:`StructuredJacobian`, if the section knows one;
+        ``None`` (the default) otherwise."""
+        return None
 
 
 class DenseSection(AbstractSection):
@@ -117,6 +200,29 @@ class DenseSection(AbstractSection):
         for w, b, a in zip(self.weights, self.biases, self.activations, strict=True):
             h = ACTIVATIONS[a](h @ w + c[:, None] * b[None, :])
         return h, c
+
+    def hidden_layer_factors(self, C, *, last, dtype):
+        if len(self.weights) != 1:
+            return None
+        w, b = jnp.asarray(self.weights[0], dtype), jnp.asarray(self.biases[0], dtype)
+        d_in, d = w.shape
+        C = jnp.asarray(C, dtype)
+        e = jnp.zeros((d_in + 1, C.shape[1]), dtype)
+        if not last:  # the constant coordinate is copied
+            e = e.at[-1].set(C[d])
+        a = jnp.concatenate([w, b[None]], axis=0)
+        return HiddenLayerFactors(E=e, A=a, B=C[:d], activation=self.activations[0])
+
+    def features(self, h, c, C, *, last):
+        if self.activations[-1] != "identity":
+            return super().features(h, c, C, last=last)
+        for w, b, a in zip(self.weights[:-1], self.biases[:-1], self.activations[:-1], strict=True):
+            h = ACTIVATIONS[a](h @ w + c[:, None] * b[None, :])
+        w, b = self.weights[-1], self.biases[-1]
+        d = w.shape[1]
+        wc, bc = fold_readout(w, b, C[:d], h.dtype)  # (w_in, m), (m,)
+        out = h @ wc + c[:, None] * bc[None, :]
+        return out if last else out + c[:, None] * jnp.asarray(C[d], h.dtype)[None, :]
 
 
 class FunctionSection(AbstractSection):
@@ -176,6 +282,20 @@ class FoldedSection(eqx.Module):
     def __call__(self, f: Float[Array, "P_l d_l"]) -> Array:
         h, c = self.section(f[:, :-1], f[:, -1])
         return h if self.last else jnp.concatenate([h, c[:, None].astype(h.dtype)], axis=1)
+
+    def features(self, f: Float[Array, "P_l d_l"], C: Array) -> Array:
+        """``self(f) @ C`` (see :meth:`AbstractSection.features`)."""
+        return self.section.features(f[:, :-1], f[:, -1], C, last=self.last)
+
+    def hidden_layer_factors(self, C: Array, dtype: Any) -> HiddenLayerFactors | None:
+        """See :meth:`AbstractSection.hidden_layer_factors`."""
+        return self.section.hidden_layer_factors(C, last=self.last, dtype=dtype)
+
+    def structured_jacobian(
+        self, f: Float[Array, "P_l d_l"], C: Array
+    ) -> StructuredJacobian | None:
+        """See :meth:`AbstractSection.structured_jacobian` (``f`` folded)."""
+        return self.section.structured_jacobian(f[:, :-1], f[:, -1], C, last=self.last)
 
 
 class Sectioned(eqx.Module):
@@ -282,6 +402,13 @@ class Sectioned(eqx.Module):
     def shapes(self, x: Any) -> list[tuple[int, ...]]:
         """``(P_l, d_l)`` of every node layer, from a shape-only trace on ONE example."""
         return [tuple(s.shape) for s in jax.eval_shape(self.node_layers, x)]
+
+
+def fold_readout(w: Array, b: Array, C: Array, dtype: Any) -> tuple[Array, Array]:
+    """``(w @ C, b @ C)`` in ``dtype``: a final linear map ``h w + c b`` followed by the
+    basis ``C`` as one map (weights cast first, so float64 callers lose nothing)."""
+    C = jnp.asarray(C, dtype)
+    return jnp.asarray(w, dtype) @ C, jnp.asarray(b, dtype) @ C
 
 
 def _check_batch(fn: str, xs: Any) -> int:
