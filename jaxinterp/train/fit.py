@@ -64,13 +64,15 @@ class FitResult:
 
 
 def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, data_axis,
-                frozen_axis=0):
+                frozen_axis=0, project=None):
     def one_step(state: TrainState, frozen, data, key):
         k = step_key(key, state.step, Stream.DATA)
         batch = sample_fn(data, k, state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if project is not None:
+            params = project(params)
         terms = {"loss": loss, **aux}
         return TrainState(params, opt_state, state.step + 1), terms
 
@@ -116,6 +118,7 @@ def fit(
     data_axis: int | None = None,
     frozen_axis: int | None = 0,
     steps_per_call: int = 100,
+    project: Callable[[Any], Any] | None = None,
     eval_fn: Callable[[Any, Any, int], dict[str, Any]] | None = None,
     eval_every: int | None = None,
     stop_fn: Callable[[dict[str, np.ndarray]], bool] | None = None,
@@ -144,6 +147,8 @@ def fit(
         frozen_axis: ``0`` if ``frozen`` has a leading ``seeds`` axis (default), None if
             all seeds share it (e.g. one target decomposed from several seeds).
         steps_per_call: updates fused into one jit-compiled ``lax.scan``.
+        project: optional ``params -> params`` applied after every update (a projection
+            such as L3D's decoder normalisation); per seed when ``seeds``.
         eval_fn: host-side ``(params, frozen, step) -> {metric: value}``, called every
             ``eval_every`` updates and at the end.
         eval_every: evaluation period (rounded up to a multiple of ``steps_per_call``).
@@ -194,7 +199,8 @@ def fit(
                     evals[k[5:]] = list(v)
                 else:
                     history[k] = list(v)
-    chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis, frozen_axis)
+    chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis, frozen_axis,
+                        project)
 
     def flat_history():
         out = {k: np.asarray(v) for k, v in history.items()}
