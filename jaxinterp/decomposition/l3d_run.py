@@ -373,18 +373,21 @@ def evaluate_l3d(sub: l3d.Subnetworks, hist: dict[str, np.ndarray], model: Any, 
         m["deltas"] = deltas.tolist()
         m["output_selectivity"] = osel.tolist()
         m["sample_selectivity"] = ssel.tolist()
+        # At δ = ±0.3, sign-invariantly (a subnetwork's sign is arbitrary): |Δy| pooled
+        # over both signs (headline), and the worse / better of the two signs.
         at = [int(np.argmin(np.abs(deltas - d))) for d in (-0.3, 0.3)]
-        both = np.minimum(osel[at[0]], osel[at[1]])
-        m["output_selectivity_pm0.3"] = _live_median(both, live)
+        pooled = output_selectivity(effects[at].mean(axis=0), j)
+        m["output_selectivity_pm0.3"] = _live_median(pooled, live)
+        m["output_selectivity_pm0.3_worse_sign"] = _live_median(osel[at].min(0), live)
+        m["output_selectivity_pm0.3_better_sign"] = _live_median(osel[at].max(0), live)
         m["sample_selectivity_pm0.3"] = _live_median(
-            np.minimum(ssel[at[0]], ssel[at[1]]), live)
+            sample_selectivity(effects[at].mean(axis=0), j, np.asarray(x)), live)
         if name == "x-squared":
             hidden = {n: (np.zeros_like(v) if _outer_layer(n, names) else v)
                       for n, v in dec.items()}
             eff_h = np.asarray(intervention_effects(f, w, hidden, x, jnp.asarray(deltas)))
-            oh = output_selectivity(eff_h, j)
             m["hidden_only_output_selectivity_pm0.3"] = _live_median(
-                np.minimum(oh[at[0]], oh[at[1]]), live)
+                output_selectivity(eff_h[at].mean(axis=0), j), live)
         # Impact: do a subnetwork's top-10 samples by I(x, k) use its feature?
         y_all = jax.vmap(lambda xx: f(w, xx))(x)
         refs = y_all[jax.random.randint(k_imp, (cfg.n_ref_impact,), 0, x.shape[0])]
@@ -432,6 +435,7 @@ def _summarise(seed_metrics: list[dict], result: Any, wall: float) -> dict[str, 
     first = seed_metrics[0]
     keep = ("reconstruction_error", "heldout_fvu", "n_matched", "match_cosines", "coverage",
             "frac_dead", "p_act", "n_live", "pooled_r", "output_selectivity_pm0.3",
+            "output_selectivity_pm0.3_worse_sign", "output_selectivity_pm0.3_better_sign",
             "sample_selectivity_pm0.3", "hidden_only_output_selectivity_pm0.3")
     out = {k: first[k] for k in keep if k in first}
     ok = [bool(m["success"]) for m in seed_metrics]

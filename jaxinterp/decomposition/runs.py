@@ -94,7 +94,8 @@ def cli_runner(method: str, make_config: Callable[..., Any], cls: type,
         tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
         out = out or f"runs/{method}-{target_name}-{tag}"
         res = train(model, target, tcfg, cfg, seeds, out=out, progress=progress)
-        print(f"\nrun directory: {out}  (config.json, metrics.json, components.eqx)")
+        files = sorted(p.name for p in Path(out).glob("*.eqx") if p.name != "checkpoint.eqx")
+        print(f"\nrun directory: {out}  ({', '.join(['config.json', 'metrics.json', *files])})")
         if res.plots:
             print("plots: " + ", ".join(res.plots))
         return summary(res) if summary else res.metrics
