@@ -34,12 +34,13 @@ def test_exactly_k_and_one_hot_and_signed(getkey):
     assert set(np.unique(s)) == {-1.0, 1.0} and abs(s.mean()) < 0.1
 
 
-def test_epoch_batch_visits_each_row_once_per_epoch(getkey):
-    key = getkey()
-    idx = np.concatenate([np.asarray(data.epoch_batch(key, jnp.asarray(s), 50, 10))
-                          for s in range(5)])
-    assert sorted(idx.tolist()) == list(range(50))
-    nxt = np.asarray(data.epoch_batch(key, jnp.asarray(5), 50, 10))
+@pytest.mark.parametrize("fn", ["epoch_batch", "epoch_batch_pointwise"])
+def test_epoch_batch_visits_each_row_once_per_epoch(getkey, fn):
+    key, sample = getkey(), getattr(data, fn)
+    idx = np.concatenate([np.asarray(sample(key, jnp.asarray(s), 53, 10))
+                          for s in range(5)])  # 53 rows: the remainder of 3 is dropped
+    assert len(set(idx.tolist())) == 50 and idx.max() < 53
+    nxt = np.asarray(sample(key, jnp.asarray(5), 53, 10))
     assert not np.array_equal(nxt, idx[:10])  # reshuffled next epoch
 
 

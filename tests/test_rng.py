@@ -39,3 +39,30 @@ def test_hash_uniform_vmaps_over_keys_like_a_loop():
     batched = jax.vmap(lambda k: hash_uniform(k, (9,)))(ks)
     for i in range(4):
         np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(hash_uniform(ks[i], (9,))))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 1025])
+def test_permutation_indices_is_a_permutation(n):
+    from jaxinterp.rng import permutation_indices
+
+    p = np.asarray(permutation_indices(jax.random.key(0), jnp.arange(n), n))
+    assert sorted(p.tolist()) == list(range(n))
+    q = np.asarray(permutation_indices(jax.random.key(1), jnp.arange(n), n))
+    assert n < 7 or (p != q).any()
+    with pytest.raises(ValueError, match="n >= 1"):
+        permutation_indices(jax.random.key(0), jnp.arange(1), 0)
+
+
+def test_permutation_indices_is_uniform_over_keys():
+    """Where element 0 lands is uniform (chi-square), and two entries are correlated as
+    in a uniform random permutation (-1/(n-1))."""
+    from jaxinterp.rng import permutation_indices
+
+    n, draws = 10, 20_000
+    perms = jax.vmap(lambda s: permutation_indices(jax.random.fold_in(jax.random.key(3), s),
+                                                   jnp.arange(n), n))(jnp.arange(draws))
+    perms = np.asarray(perms)
+    pos0 = np.argmax(perms == 0, axis=1)
+    assert stats.chisquare(np.bincount(pos0, minlength=n)).pvalue > 1e-3
+    r = np.corrcoef(perms[:, 0], perms[:, 1])[0, 1]
+    assert abs(r + 1 / (n - 1)) < 0.03

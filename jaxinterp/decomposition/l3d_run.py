@@ -31,7 +31,7 @@ from .._checks import check_in, check_positive, fail
 from .._types import Array, Key
 from ..methods import Method, register_method
 from ..models import base
-from ..models.data import epoch_batch, sparse_uniform
+from ..models.data import epoch_batch_pointwise, sparse_uniform
 from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
 from ..train import fit, make_optimizer
@@ -282,8 +282,8 @@ def train_l3d(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: L3DConfi
     loss_fn = make_loss_fn(cfg, apply, params, names)
 
     def sample_fn(d, key, step):
-        idx = epoch_batch(jax.random.wrap_key_data(d["shuffle"]), step, cfg.n_data,
-                          cfg.batch_size)
+        idx = epoch_batch_pointwise(jax.random.wrap_key_data(d["shuffle"]), step,
+                                    cfg.n_data, cfg.batch_size)
         ref = l3d.reference_indices(jax.random.fold_in(key, Stream.REFERENCE), cfg.batch_size,
                                     cfg.topk_group)
         return d["x"][idx], ref, step
