@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import channel as channel
 from . import decomposition as decomposition
 from . import graph as graph
 from . import interventions as interventions

@@ -1,0 +1,266 @@
+"""``jaxinterp run channel-graph TARGET``: cut a target into blocks, find their read and
+write channels, edges, modules and circuits, and write a run directory:
+
+* ``config.json``, ``metrics.json`` (keys ``ranks``, ``compression_curve``, ``edges``,
+  ``components``, ``channel_components``, ``modularity_q``, ``communities``,
+  ``circuits``, ``data_clusters``, ``non_additivity``, ``planted_recovery`` where ground
+  truth exists, ``seconds``), ``graph.json`` (the pruned channel graph),
+  ``channels.npz`` (per node: ``lambda``, ``rho``, ``mu``, ``omega``, ``readout``);
+* figures ``block_graph.png``, ``compression.png``, ``usage.png``, ``spectra.png``.
+
+Targets: ``planted-channels`` and ``block-mlp`` (hand-built; their config fields, e.g.
+``--gated true --kappa 0.3 --activation tanh``, are accepted as overrides) and
+``tms-5-2`` (trained, cached under ``runs/targets``). Hand-built toys use product
+design data and ``prune = roundoff`` (see ``experiments/channel_graph.md`` for why the
+rotation null is not used there).
+
+References:
+    specs/channel-graph.md (project method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import io
+from .._checks import fail
+from ..methods import Method, register_method
+from ..models import base
+from ..rng import Stream, seed_key, stream_key
+from . import figures
+from .adapters import channel_model_for
+from .assemble import save_json
+from .pipeline import ChannelAnalysis, ChannelGraphConfig, channel_graph
+from .recovery import channel_labels, planted_recovery
+from .subspaces import rank_report
+
+__all__ = ["PRESETS", "ChannelRun", "channel_graph_config", "run_channel_graph", "target_data"]
+
+HAND_BUILT = ("planted-channels", "block-mlp")
+PRESETS: dict[str, dict[str, Any]] = {
+    "planted-channels": {"prune": "roundoff"},
+    "block-mlp": {"prune": "roundoff"},
+    "tms-5-2": {"n_data": 10_000},
+}
+
+
+def channel_graph_config(target: str, **overrides: Any) -> ChannelGraphConfig:
+    """The preset of ``target`` with ``overrides``."""
+    from ..decomposition.runs import preset_config
+
+    return preset_config(ChannelGraphConfig, PRESETS, "channel_graph_config", target, overrides)
+
+
+class ChannelRun(NamedTuple):
+    metrics: dict[str, Any]
+    analysis: ChannelAnalysis
+    plots: list[str]
+    run_dir: Path | None
+
+
+def target_data(name: str, model: Any, tcfg: Any, seed: int, n: int | None = None) -> Any:
+    """The analysis inputs of a target: product designs for the hand-built toys (cross-
+    module covariances vanish exactly), fresh samples otherwise."""
+    target = base.get_target(name)
+    if name in HAND_BUILT:
+        x = np.asarray(base.make_seed_data(target, tcfg, seed)["x"])
+        if name == "block-mlp":  # every pairing of sqrt(N) block-0 with block-1 draws
+            k, half = int(np.sqrt(x.shape[0])), x.shape[1] // 2
+            x = np.concatenate([np.repeat(x[:k, :half], k, 0), np.tile(x[:k, half:], (k, 1))], 1)
+        return jnp.asarray(x)
+    key = stream_key(seed_key(seed), Stream.EVAL)
+    cfg = dataclasses.replace(tcfg, batch_size=n or 10_000)
+    batch = target.sample(cfg, None, key, jnp.asarray(0))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def _edges_report(res: ChannelAnalysis, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    out = []
+    cg = res.graph
+    for i, ((a, b), w) in enumerate(res.causal.w.items()):
+        e4 = res.causal.channel[(a, b)]
+        g = res.geometric[(a, b)]
+        out.append({
+            "writer": names[a], "reader": names[b],
+            "overlap": g["overlap"], "overlap_z": g["overlap_z"], "cosines": g["cosines"],
+            "share": res.share[(a, b)], "driven_variance": w, "signed": res.causal.signed[(a, b)],
+            "null_driven_variance_q": cg.block_thresholds[i],
+            "channel_max": float(np.max(e4, initial=0.0)), "channel_sum": float(np.sum(e4)),
+            "channel_threshold": cg.thresholds[i],
+            "kept": cg.block_weights[i] > 0,
+            "channel_kept": int((np.asarray(cg.edges[i]) > 0).sum()),
+        })
+    return out
+
+
+def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraphConfig, *,
+                      seed: int = 0, xs: Any = None, out: str | Path | None = None,
+                      progress: bool = True) -> ChannelRun:
+    """Run the channel graph on a target and (with ``out``) write its run directory.
+
+    Args:
+        model: the target's model; target_name: its registered name; tcfg: its config.
+        cfg: :class:`~.pipeline.ChannelGraphConfig`.
+        seed: the target seed (data and keys).
+        xs: analysis inputs (default: :func:`target_data`).
+        out: run directory (``None``: nothing written).
+        progress: progress bar.
+
+    Returns:
+        :class:`ChannelRun`.
+    """
+    with jax.enable_x64(True):
+        cm = channel_model_for(target_name, model, attention=cfg.attention)
+    if xs is None:
+        xs = target_data(target_name, model, tcfg, seed, cfg.n_data)
+    bar = tqdm(total=5, desc="channel-graph", disable=not progress)
+    key = stream_key(seed_key(seed), Stream.MASK)
+    res = channel_graph(cm, xs, cfg, progress=bar, key=key)
+    with jax.enable_x64(True):  # the planted geometry in float64
+        labels = channel_labels(target_name, model, res)
+    if labels is not None:  # rerun the cheap host-side modules with the planted labels
+        from .modules import channel_modules
+
+        res = res._replace(modules=channel_modules(res.graph, resolutions=cfg.resolutions,
+                                                   n_null=cfg.n_null_graphs, labels=labels,
+                                                   transform=cfg.transform))
+    bar.close()
+    names = cm.node_names
+    used_xs = jax.tree_util.tree_map(lambda a: a[: cfg.n_data], xs) if cfg.n_data else xs
+    metrics = {
+        "target": target_name, "seed": seed, "mode": cm.mode,
+        "n_examples": int(jax.tree_util.tree_leaves(used_xs)[0].shape[0]),
+        "ranks": rank_report(res.channels),
+        "compression_curve": res.compression,
+        "edges": _edges_report(res, names),
+        "non_additivity": {names[b]: v for b, v in res.causal.non_additivity.items()},
+        "components": res.components,
+        "channel_components": res.channel_components,
+        "modularity_q": {k: v["modularity_q"] for k, v in res.modules.items()},
+        "communities": res.modules,
+        "circuits": [{"members": c["members"], "support": c["support"], **chk}
+                     for c, chk in zip(res.circuits, res.circuit_checks, strict=True)],
+        "data_clusters": None if res.clusters is None else {
+            "k": res.clusters["k"], "silhouette": res.clusters["silhouette"]},
+        "seconds": res.seconds,
+    }
+    with jax.enable_x64(True):
+        metrics["planted_recovery"] = planted_recovery(target_name, model, res, used_xs, names)
+    plots: list[str] = []
+    run_dir = None if out is None else Path(out)
+    if run_dir is not None:
+        plots = _write(run_dir, cfg, tcfg, metrics, res, target_name)
+    return ChannelRun(metrics, res, plots, run_dir)
+
+
+def _write(run_dir: Path, cfg: ChannelGraphConfig, tcfg: Any, metrics: dict[str, Any],
+           res: ChannelAnalysis, target: str) -> list[str]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_json(run_dir / "config.json", {"method": "channel-graph", "target": target,
+                                            "config": dataclasses.asdict(cfg),
+                                            "target_config": dataclasses.asdict(tcfg)})
+    io.write_json(run_dir / "metrics.json", metrics)
+    save_json(run_dir / "graph.json", res.graph)
+    arrays = {}
+    for c in res.channels.nodes:
+        for field, key in (("read_lambdas", "lambda"), ("read_covectors", "rho"),
+                           ("write_mus", "mu"), ("write_vectors", "omega"),
+                           ("write_readout", "readout")):
+            v = getattr(c, field)
+            if v is not None:
+                arrays[f"{c.name}/{key}"] = np.asarray(v)
+    np.savez(run_dir / "channels.npz", **arrays)
+    if not cfg.plots:
+        return []
+    title = f"{target} seed {metrics['seed']}"
+    out = [
+        figures.plot_block_graph(res.graph, run_dir / "block_graph.png", components=res.components,
+                                 title=f"{title}: block graph (E3, pruned)"),
+        figures.plot_compression(res.compression, run_dir / "compression.png",
+                                 title=f"{title}: compression"),
+        figures.plot_spectra(metrics["ranks"], run_dir / "spectra.png", title=title),
+    ]
+    if res.usage is not None:
+        out.append(figures.plot_usage(res.usage, res.graph.node_ids, run_dir / "usage.png",
+                                      title=f"{title}: usage matrix"))
+    return [str(p) for p in out]
+
+
+def load_target_for(name: str, seed: int, target_dir: str | None, progress: bool,
+                    target_overrides: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """``(model, config)`` of a target: hand-built ones are built from their config
+    (with ``target_overrides``), trained ones loaded or trained (cached)."""
+    from ..decomposition.runs import load_or_train_target
+
+    target = base.get_target(name)
+    if name in HAND_BUILT and target_dir is None:
+        tcfg = target.config(seed=seed, **(target_overrides or {}))
+        model = target.init(tcfg, stream_key(seed_key(seed), Stream.INIT))
+        return model, tcfg
+    if target_overrides:
+        raise fail("channel-graph", "overrides", "fields of ChannelGraphConfig for a trained "
+                   "target", sorted(target_overrides))
+    if target_dir is None and seed != 0:
+        r = base.train_target(name, target.config(seed=seed),
+                              out=Path("runs") / "targets" / f"{name}-seed{seed}",
+                              progress=progress)
+        return r.model, r.config
+    model, tcfg, _ = load_or_train_target(name, target_dir, progress=progress)
+    return model, tcfg
+
+
+def _cli_run(target_name: str, *, seeds: list[int], steps: int | None, out: str | None,
+             target_dir: str | None, overrides: dict[str, Any], progress: bool) -> dict:
+    from ..decomposition.runs import coerce_overrides
+
+    if steps is not None:
+        raise fail("channel-graph", "--steps", "not given (the channel graph has no training "
+                   "steps)", steps)
+    fields = {f.name for f in dataclasses.fields(ChannelGraphConfig)}
+    own = {k: v for k, v in overrides.items() if k in fields}
+    rest = {k: v for k, v in overrides.items() if k not in fields}
+    cfg = channel_graph_config(target_name, **coerce_overrides(own, ChannelGraphConfig,
+                                                               "channel-graph", ("n_data",)))
+    summary: dict[str, Any] = {}
+    for seed in seeds:
+        model, tcfg = load_target_for(target_name, seed, target_dir, progress, rest)
+        run_out = (out if out and len(seeds) == 1
+                   else (f"{out}/seed{seed}" if out else
+                         f"runs/channel-graph-{target_name}-seed{seed}"))
+        res = run_channel_graph(model, target_name, tcfg, cfg, seed=seed, out=run_out,
+                                progress=progress)
+        print(f"\nrun directory: {run_out}  (config.json, metrics.json, graph.json, "
+              "channels.npz)")
+        if res.plots:
+            print("plots: " + ", ".join(res.plots))
+        m = res.metrics
+        tag = f"seed{seed}/" if len(seeds) > 1 else ""
+        summary[f"{tag}Q(gamma=1)"] = m["modularity_q"].get("gamma=1", 0.0)
+        summary[f"{tag}components"] = len(m["components"])
+        summary[f"{tag}compression all (eta ranks)"] = m["compression_curve"]["all_eta"]
+        summary[f"{tag}compression ratio"] = m["compression_curve"]["compression_ratio"]
+        pr = m["planted_recovery"]
+        if pr is not None:
+            if pr.get("ari") is not None:
+                summary[f"{tag}ARI"] = pr["ari"]
+            if "max_angle" in pr:
+                summary[f"{tag}max principal angle"] = pr["max_angle"]
+            if "cross_mass" in pr:
+                summary[f"{tag}cross-module E4 mass"] = pr["cross_mass"]
+    return summary
+
+
+register_method(Method(
+    name="channel-graph",
+    description="Blocks as channels on the residual stream: subspaces, edges, modules, "
+                "circuits (project method)",
+    targets=tuple(PRESETS),
+    run=_cli_run,
+))
