@@ -330,6 +330,12 @@ def test_config_errors_name_the_argument():
         l3d_config("tms-5-2", gradients="sparse")
     with pytest.raises(ValueError, match="target"):
         l3d_config("resid-mlp-1")
+    from jaxinterp.decomposition.l3d_run import L3DConfig
+    from jaxinterp.decomposition.runs import coerce_overrides
+
+    cli = coerce_overrides({"paths": ".W_in,.W_out", "ranks": "2", "k": "0.2"}, L3DConfig, "l3d")
+    cfg = l3d_config("tms-5-2", **cli)
+    assert cfg.paths == (".W_in", ".W_out") and cfg.ranks == 2 and cfg.k == 0.2
 
 
 def test_training_step_decreases_loss_and_is_deterministic(getkey):

@@ -58,7 +58,7 @@ class L3DConfig:
     preset.
 
     Attributes:
-        paths: keypaths of the decomposed tensors (None: the target's default, every
+        paths: keypaths of the decomposed tensors (empty: the target's default, every
             trained tensor; TMS is decomposed untied as ``.W_in``, ``.W_out``, ``.b``).
         n_v: number of subnetworks.
         ranks: Tucker ranks: one int for every mode, or ``{path_or_glob: int | tuple}``.
@@ -82,7 +82,7 @@ class L3DConfig:
             :func:`seed_success`).
     """
 
-    paths: tuple[str, ...] | None = None
+    paths: tuple[str, ...] = ()
     n_v: int = 5
     ranks: int | dict[str, Any] = 1
     k: float = 0.1
@@ -126,8 +126,8 @@ class L3DConfig:
         check_in(fn, "divergence", self.divergence, l3d.DIVERGENCES)
         check_in(fn, "loss", self.loss, l3d.LOSSES)
         check_in(fn, "gradients", self.gradients, GRADIENTS)
-        if isinstance(self.paths, str):
-            object.__setattr__(self, "paths", (self.paths,))
+        object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str)
+                           else tuple(self.paths or ()))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -262,7 +262,7 @@ def train_l3d(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: L3DConfi
     """
     if not seeds:
         raise fail("train_l3d", "seeds", "at least one seed", seeds)
-    apply, params, names = l3d_target(model, target.name, cfg.paths)
+    apply, params, names = l3d_target(model, target.name, cfg.paths or None)
     w = {n: jnp.asarray(tree.get(params, n)) for n in names}
     shapes = {n: tuple(v.shape) for n, v in w.items()}
     ranks = l3d.resolve_ranks("L3DConfig", cfg.ranks, shapes)
