@@ -346,13 +346,13 @@ def test_training_step_decreases_loss_and_is_deterministic(getkey):
 
     with jax.enable_x64(False):
         target = ji.get_target("tms-5-2")
-        tcfg = target.config(steps=300, n_seeds=1, eval_size=1000)
+        tcfg = target.config(steps=200, n_seeds=1, eval_size=1000)
         model = ji.train_target(target, tcfg, progress=False, plots=False).model
-        cfg = l3d_config("tms-5-2", epochs=40, steps_per_call=124)
+        cfg = l3d_config("tms-5-2", epochs=24, steps_per_call=124, n_eval=256)
         res = train_l3d(model, target, tcfg, cfg, [0, 1], progress=False)
         res2 = train_l3d(model, target, tcfg, cfg, [0], progress=False)
     fvu = res.history["fvu"]
-    assert fvu.shape == (40 * 31, 2)
+    assert fvu.shape == (24 * 31, 2)
     assert fvu[-31:].mean() < 0.7 * fvu[:31].mean()
     np.testing.assert_allclose(jax.vmap(l3d.decoder_norms)(res.subnetworks.dec), 1.0, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(res.subnetworks),
