@@ -133,7 +133,7 @@ def test_causal_edges_match_finite_differences(planted, getkey):
     ce = causal_edges(cm, cs, xs, metric="iso", n_null=2, key=getkey())
     a, b = 1, 3  # A1 -> A2
     eps = 1e-6
-    num = den = 0.0
+    num = den = a_num = a_den = 0.0
     e4 = np.zeros_like(ce.channel[(a, b)])
     ca, cb = cs.nodes[a], cs.nodes[b]
     ra, rb = cs.graph_rank(a), cs.graph_rank(b)
@@ -149,11 +149,15 @@ def test_causal_edges_match_finite_differences(planted, getkey):
 
             num += float(jnp.sum(fd(t) ** 2))
             den += float(jnp.sum(fd(r - cb.read_mean[None]) ** 2))
+            # the ablation edge: a's write removed from b's read, and b's read at its mean
+            a_num += float(jnp.sum((f(r) - f(r - t)) ** 2))
+            a_den += float(jnp.sum((f(r) - f(jnp.broadcast_to(cb.read_mean, r.shape))) ** 2))
             c = np.asarray(t @ ca.write_readout[:, :ra])
             for j in range(ra):
                 g = fd(c[:, j:j + 1] * ca.write_vectors[None, :, j])
                 e4[:, j] += np.sum(np.asarray(g @ cb.write_readout[:, :rb]) ** 2, 0)
     np.testing.assert_allclose(ce.w[(a, b)], num / den, rtol=1e-6)
+    np.testing.assert_allclose(ce.ablation[(a, b)], a_num / a_den, rtol=1e-8)
     np.testing.assert_allclose(ce.channel[(a, b)], e4 / len(xs), rtol=1e-5, atol=1e-9 * e4.max())
     assert ce.w[(1, 2)] < 1e-20 * ce.w[(a, b)]  # A1 -> B1 is not planted
 

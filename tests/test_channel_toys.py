@@ -84,3 +84,58 @@ def test_t2_block_mlp(seed):
     assert all(len(c) == 7 for c in pr["channel_components"])  # embed, 5 layers, unembed
     assert m["communities"]["gamma=0.5"]["ari"] == 1.0
     assert np.isfinite(m["modularity_q"]["gamma=1"])
+
+
+@pytest.mark.slow
+def test_cli_induction_from_a_target_dir(tmp_path, capsys):
+    """``jaxinterp run channel-graph induction --target RUN`` on a briefly trained tiny
+    target: the run directory and the induction checks' keys."""
+    from jaxinterp.models import train_target
+
+    target = tmp_path / "target"
+    train_target("induction", _tiny_induction_config(steps=20), out=target, progress=False)
+    out = tmp_path / "run"
+    code = cli.main(["run", "channel-graph", "induction", "--target", str(target),
+                     "--out", str(out), "--no-progress", "--n-data", "32", "--n-null", "2",
+                     "--n-null-graphs", "2", "--chunk-size", "16"])
+    assert code == 0
+    assert "prev-token head top (E3)" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    for k in KEYS:
+        assert k in m
+    pr = m["planted_recovery"]
+    assert set(pr["roles"]) >= {"prev_token_head", "induction_head"}
+    assert pr["losses"]["two_heads"] == pr["losses"]["full"]
+    assert {e["writer"] for e in m["edges"] if e["reader"] == "L1H0"} == {"embed", "L0H0"}
+
+
+def _tiny_induction_config(**kw):
+    from jaxinterp.models import get_target
+
+    return get_target("induction").config(n_tokens=16, n_ctx=12, d_model=8, d_head=8,
+                                          batch_size=64, eval_size=256, **kw)
+
+
+@pytest.mark.slow
+def test_induction_circuit_on_the_trained_target(tmp_path):
+    """Issue 7's induction checks on a target trained with a shortened recipe (batch 256,
+    early stop at accuracy >= 0.99; about 13k updates, 8 minutes on 2 CPU cores): an
+    induction head forms, the previous-token head is the top channel-level (E4) writer
+    into it, and the two heads at their eta-rank write channels, every other channel
+    mean-ablated, recover >= 90 % of the in-context loss reduction. (The block-level E3
+    ranks ``embed`` first: a finding, see experiments/channel_graph.md.)"""
+    from jaxinterp.models import get_target, train_target
+
+    cfg = get_target("induction").config(steps=20_000, batch_size=256, warmup_steps=1000,
+                                         eval_every=500)
+    r = train_target("induction", cfg, out=tmp_path / "target", progress=False)
+    assert r.metrics["accuracy"] >= 0.99 and r.metrics["in_context_loss"] < 0.05
+    ccfg = channel_graph_config("induction", plots=False, n_null_graphs=2)
+    m = run_channel_graph(r.model, "induction", r.config, ccfg, progress=False).metrics
+    pr = m["planted_recovery"]
+    assert pr["roles"]["prev_token_head"] == "L0H0" and pr["roles"]["induction_head"] == "L1H0"
+    assert pr["roles"]["induction_score"][1][0] > 0.9
+    assert pr["roles"]["prev_token_at_m_score"][0][0] > 0.5
+    assert pr["top_edge_is_prev_token"]["channel_max"]
+    assert pr["recovery"]["write_eta"] >= 0.9
+    assert pr["necessity"]["ablate_prev_token"] < 0.1 and pr["necessity"]["ablate_induction"] < 0.1

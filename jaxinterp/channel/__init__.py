@@ -17,6 +17,7 @@ from . import assemble as assemble
 from . import compression as compression
 from . import edges as edges
 from . import figures as figures
+from . import induction as induction
 from . import model as model
 from . import modules as modules
 from . import pipeline as pipeline

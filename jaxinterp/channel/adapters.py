@@ -6,6 +6,15 @@
 | ``block-mlp`` | sequential | each linear layer with its activation |
 | ``tms-*`` | sequential | encoder ``x -> h``, decoder ``h -> x_hat`` |
 | ``resid-mlp-*`` | residual | each layer's MLP (``embed = W_E``, ``unembed = W_E^T``) |
+| ``induction`` | residual | each attention head ``L{layer}H{head}`` (``unembed``: last position) |
+
+Attention heads are linearised ``full`` (the Jacobian includes the QK path) or with a
+``frozen_pattern``: the pattern is computed from ``stop_gradient`` of the stream, so the
+head's value is unchanged and every JVP/VJP holds the pattern at its value at the point
+of linearisation (the head is linear in the stream through OV). ``qk`` is the
+complement (values from ``stop_gradient``: derivatives move the pattern only), so edges
+measure what a writer does through the head's QK read; ``full = frozen_pattern + qk``
+for every JVP. Values (and so compression, ablation and usage) are the same in all three.
 
 Every block is a :class:`Part`: a static function of (parameters, stream) together with
 its parameters, so it is a pytree and a pure function of ONE example's stream.
@@ -27,9 +36,9 @@ from .._checks import check_in, fail
 from .._types import Array
 from .model import ChannelModel
 
-__all__ = ["ATTENTION", "Part", "channel_model_for"]
+__all__ = ["ATTENTION", "Part", "attention_model", "channel_model_for", "head_name"]
 
-ATTENTION = ("full", "frozen_pattern")
+ATTENTION = ("full", "frozen_pattern", "qk")
 
 
 class Part(eqx.Module):
@@ -151,6 +160,61 @@ def resid_mlp_model(model: Any) -> ChannelModel:
         mode="residual", output="regression")
 
 
+# --- attention-only transformers (induction) ------------------------------------------
+def _token_embed(w: Any, tokens: Array) -> Array:
+    return w[tokens]
+
+
+def _last_unembed(w: Any, r: Array) -> Array:
+    return r[-1:] @ w
+
+
+def _head_full(p: Any, r: Array) -> Array:
+    from ..models.induction import head_forward
+
+    return head_forward(*p, r)["out"]
+
+
+def _head_frozen(p: Any, r: Array) -> Array:
+    from ..models.induction import head_forward
+
+    return head_forward(*p, r, frozen_pattern=True)["out"]
+
+
+def _head_qk(p: Any, r: Array) -> Array:
+    from ..models.induction import head_forward
+
+    return head_forward(*p, r, frozen_values=True)["out"]
+
+
+def head_name(layer: int, head: int) -> str:
+    """Block name of a head: ``L{layer}H{head}``."""
+    return f"L{layer}H{head}"
+
+
+def attention_model(model: Any, attention: str = "full") -> ChannelModel:
+    """Heads as blocks of an :class:`~jaxinterp.models.induction.InductionTransformer`:
+    each head is ``(W_Q[h], W_K[h], W_V[h], W_O[h], positions)``, a function of the
+    stream ``(P, d_model) -> (P, d_model)``; heads of one layer read the same stream
+    (equal depth). ``unembed`` reads the last position only (the trained prediction), so
+    the output is ``(1, vocab)`` logits (``softmax``)."""
+    check_in("attention_model", "attention", attention, ATTENTION)
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else model.W_E.dtype
+    from ..models.induction import sinusoidal_positions
+
+    pos = sinusoidal_positions(model.n_ctx, model.W_E.shape[1], dtype)
+    fn = {"full": _head_full, "frozen_pattern": _head_frozen, "qk": _head_qk}[attention]
+    blocks, names, depths = [], [], []
+    for i, at in enumerate(model.layers):
+        for h in range(at.W_Q.shape[0]):
+            blocks.append(Part((at.W_Q[h], at.W_K[h], at.W_V[h], at.W_O[h], pos), fn))
+            names.append(head_name(i, h))
+            depths.append(i)
+    return ChannelModel(embed=Part(model.W_E, _token_embed), blocks=tuple(blocks),
+                        unembed=Part(model.W_U, _last_unembed), names=tuple(names),
+                        depths=tuple(depths), mode="residual", output="softmax")
+
+
 # --- dispatch -------------------------------------------------------------------------
 def channel_model_for(name: str, model: Any, *, attention: str = "full") -> ChannelModel:
     """The :class:`ChannelModel` of a zoo target (call inside an x64 context for a
@@ -159,8 +223,8 @@ def channel_model_for(name: str, model: Any, *, attention: str = "full") -> Chan
     Args:
         name: the registered target name.
         model: its model.
-        attention: ``full`` or ``frozen_pattern`` linearisation of attention heads (no
-            attention target has a cut yet; checked for forward compatibility).
+        attention: ``full``, ``frozen_pattern`` (OV only) or ``qk`` (pattern only)
+            linearisation of attention heads.
 
     Raises:
         ValueError: for a target without a channel cut, or an unknown ``attention``.
@@ -174,8 +238,10 @@ def channel_model_for(name: str, model: Any, *, attention: str = "full") -> Chan
         return tms_model(model)
     if name.startswith("resid-mlp-"):
         return resid_mlp_model(model)
+    if name == "induction":
+        return attention_model(model, attention)
     raise fail("channel_model_for", "name", "a target with a channel cut (planted-channels, "
-               "block-mlp, tms-5-2, tms-40-10, resid-mlp-*)", repr(name))
+               "block-mlp, tms-5-2, tms-40-10, resid-mlp-*, induction)", repr(name))
 
 
 def as_float(xs: Any) -> Any:

@@ -4,8 +4,9 @@
   of ``U_a^T V_b`` are the cosines of the principal angles), against the random-subspace
   null ``max(r_a, r_b) / d``: ``ov_z = (ov - max/d) / (1 - max/d)``.
 * **E2** linear variance share ``sum_i (lambda_i / sum lambda) sum_j (rho_i^T omega_j)^2 mu_j``.
-* **E3** driven variance ``w = E ||J_b o~_a||_S^2 / E ||J_b (r_b - r_bar_b)||_S^2`` and its
-  signed first-order variant ``e = E |g_b^T J_b o~_a|``.
+* **E3** driven variance ``w = E ||J_b o~_a||_S^2 / E ||J_b (r_b - r_bar_b)||_S^2``, its
+  signed first-order variant ``e = E |g_b^T J_b o~_a|`` and its finite (ablation)
+  version, ``J_b t`` replaced by ``h_b(r_b) - h_b(r_b - t)`` (see :class:`CausalEdges`).
 * **E4** channel edges ``E[(a,j) -> (b,k)] = E[(w_k^T K^{1/2} J_b omega_j c_j(x))^2]``.
 
 E3 and E4 are forward mode: for each reader ``b`` ONE ``jvp`` of ``h_b`` at ``r_b(x)``
@@ -115,6 +116,11 @@ class CausalEdges(NamedTuple):
         null_w: ``(n_null,)`` E3 under rotated writes.
         null_channel: ``(n_null, r_out(b), r_out(a))``.
         non_additivity: per reader, ``sum_a w(a -> b) - 1``.
+        ablation: the finite version of E3, ``E ||h_b(r_b) - h_b(r_b - o~_a)||_S^2 /
+            E ||h_b(r_b) - h_b(r_bar_b)||_S^2`` (``a``'s write mean-ablated in ``b``'s
+            read only: direct-path patching). Equal to ``w`` for a linear block; for
+            attention it sees a QK path whose softmax is saturated, where the Jacobian
+            (and so ``w``) is nearly zero.
     """
 
     w: dict[tuple[int, int], float]
@@ -123,6 +129,7 @@ class CausalEdges(NamedTuple):
     null_w: dict[tuple[int, int], np.ndarray]
     null_channel: dict[tuple[int, int], np.ndarray]
     non_additivity: dict[int, float]
+    ablation: dict[tuple[int, int], float]
 
 
 def _reader_tangents(model, cs_arrays, tr, b, rots):
@@ -168,9 +175,20 @@ def _example(model, cs_arrays, rots, x, y_ref, key, metric, exact, n_probes):
             snorm = scale * jnp.sum(einsum64("ipe,tpe->it", cots[b], jt) ** 2, axis=0)
         signed = jnp.abs(einsum64("pe,tpe->t", grads[b], jt))
         proj = jnp.sum(einsum64("tpe,ek->tpk", jt, cs_arrays["readout"][b]) ** 2, axis=1)
+        # the finite (not linearised) E3: b's output change when a's write is removed from
+        # b's read only, and when b's whole read is replaced by its mean
+        o_b = f(r)
+        abl = jnp.concatenate([o_b[None] - jax.vmap(lambda t, f=f, r=r: f(r - t))(base),
+                               (o_b - f(jnp.broadcast_to(cs_arrays["read_mean"][b][None, :],
+                                                         r.shape)))[None]], axis=0)
+        if cots is None:
+            anorm = jnp.sum(abl**2, axis=(1, 2))
+        else:
+            anorm = scale * jnp.sum(einsum64("ipe,tpe->it", cots[b], abl) ** 2, axis=0)
         i0, i1, i2, i3 = n_w, n_w + 1, n_w + 1 + n_ch, n_w + 1 + n_ch + n_null * n_w
         out.append({
             "w": snorm[:i0], "den": snorm[i0], "signed": signed[:i0],
+            "ablation": anorm[:i0], "ablation_den": anorm[i0],
             "channel": proj[i1:i2], "null_w": snorm[i2:i3].reshape(n_null, n_w),
             "null_channel": proj[i3:].reshape(n_null, n_ch, -1),
         })
@@ -254,17 +272,19 @@ def causal_edges(
                           metric, probes == "exact", int(n_probes), int(chunk_size))
         sums = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), sums)
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    res = CausalEdges({}, {}, {}, {}, {}, {})
+    res = CausalEdges({}, {}, {}, {}, {}, {}, {})
     for b in range(1, n_nodes):
         s = sums[b - 1]
         ws = model.writers_of(b)
         den = s["den"] if s["den"] > 0 else 1.0
+        aden = s["ablation_den"] if s["ablation_den"] > 0 else 1.0
         offs = np.cumsum([0] + [ranks[a] for a in ws])
         total = 0.0
         for i, a in enumerate(ws):
             res.w[(a, b)] = float(s["w"][i] / den)
             total += res.w[(a, b)]
             res.signed[(a, b)] = float(s["signed"][i] / n)
+            res.ablation[(a, b)] = float(s["ablation"][i] / aden)
             res.channel[(a, b)] = (s["channel"][offs[i]:offs[i + 1]] / n).T
             res.null_w[(a, b)] = s["null_w"][:, i] / den
             res.null_channel[(a, b)] = np.transpose(

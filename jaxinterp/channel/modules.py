@@ -24,7 +24,7 @@ from .. import graph as G
 from .._checks import fail
 from .assemble import ChannelGraph, to_networkx
 
-__all__ = ["channel_modules", "null_modularity", "partition_ari"]
+__all__ = ["channel_modules", "null_modularity", "partition_ari", "planted_modularity"]
 
 
 def _report(c: G.Communities) -> dict[str, Any]:
@@ -76,6 +76,17 @@ def partition_ari(communities: Sequence[Sequence[str]], labels: Mapping[str, int
     return float(adjusted_rand_score([labels[u] for u in nodes], [comm[u] for u in nodes]))
 
 
+def planted_modularity(g: nx.Graph, labels: Mapping[str, int], *,
+                       resolution: float = 1.0) -> float:
+    """``Q`` of the planted partition of ``g`` (one community per label, unlabelled nodes
+    as singletons): if the best ``Q`` found exceeds it, the planted modules are not the
+    modularity maximum at this resolution (no search could return them)."""
+    groups: dict[Any, set[str]] = {}
+    for u in g.nodes:
+        groups.setdefault(labels.get(u, ("single", u)), set()).add(u)
+    return G.modularity(g, list(groups.values()), resolution=resolution)
+
+
 def channel_modules(
     cg: ChannelGraph,
     *,
@@ -91,7 +102,8 @@ def channel_modules(
     Returns:
         ``{"gamma=<g>": {"modularity_q", "n_communities", "n_nonsingleton", "sizes",
         "spans", "inside_fraction", "n_isolated", "members", "null_mean", "null_std",
-        "null_z", "ari"?}}``.
+        "null_z", "ari"?, "planted_q"?}}`` (``planted_q``: ``Q`` of the planted
+        partition, with ``labels``).
     """
     g = to_networkx(cg, transform=transform)
     out: dict[str, Any] = {}
@@ -109,5 +121,6 @@ def channel_modules(
                              if null["std"] > 0 else None)
         if labels is not None:
             rep["ari"] = partition_ari(c.communities, labels)
+            rep["planted_q"] = planted_modularity(g, labels, resolution=gamma)
         out[f"gamma={gamma:g}"] = rep
     return out

@@ -51,7 +51,8 @@ class ChannelGraphConfig:
         eta: explained fraction that sets the ranks.
         node_rank: graph nodes are the ``numerical``-rank (default) or ``eta``-rank write
             channels.
-        attention: ``full`` or ``frozen_pattern`` (attention targets).
+        attention: ``full``, ``frozen_pattern`` or ``qk`` (attention targets; see
+            :mod:`.adapters`).
         n_data: use only the first ``n_data`` examples.
         n_ref: references of ``D = ref``.
         n_null, null_space: rotation-null draws and their space.

@@ -1,5 +1,6 @@
 """Ground-truth checks of a channel graph on the toys with planted modules
-(``planted-channels``: spec T1; ``block-mlp``: spec T2): module labels of the channel
+(``planted-channels``: spec T1; ``block-mlp``: spec T2; ``induction``: see
+:mod:`.induction`): module labels of the channel
 nodes, principal angles to the planted subspaces, edge leakage off the planted pairs,
 components, ARI, compression and usage precision/recall.
 
@@ -61,12 +62,31 @@ def _usage_check(res: ChannelAnalysis, labels: dict[str, int], truth: np.ndarray
                  skip: tuple[str, ...]) -> dict[str, Any]:
     ids = list(res.graph.node_ids)
     use = res.usage
+    act = np.asarray(res.activity, np.float64)
+    blocks = [i for i, u in enumerate(ids) if u.rpartition("/")[0] not in skip]
+    total = np.maximum(act[:, blocks].sum(axis=1), 1e-300)
     out = {}
     for mod in (0, 1):
         cols = [i for i, u in enumerate(ids)
                 if labels[u] == mod and u.rpartition("/")[0] not in skip]
         pred = use[:, cols].any(axis=1)
-        out[f"module{mod}"] = _precision_recall(pred, truth[:, mod])
+        a = act[:, cols].sum(axis=1)
+        share = a / total
+        on, off = truth[:, mod], ~truth[:, mod]
+        off_other_on = off & truth[:, 1 - mod]
+        out[f"module{mod}"] = {
+            **_precision_recall(pred, truth[:, mod]),
+            # diagnostics. Precision: the module's activity where its inputs are zero,
+            # relative to where they are not, and its share of the blocks' activity
+            # where it is off and the other module on. Recall: how often the module
+            # holds less than 10 % of the activity where it is on (the 90 % rule then
+            # leaves it out).
+            "off_to_on_activity": (float(a[off].mean() / a[on].mean())
+                                   if off.any() and on.any() and a[on].mean() > 0 else None),
+            "share_when_off": (float(share[off_other_on].mean()) if off_other_on.any()
+                               else None),
+            "share_below_0.1_when_on": float((share[on] < 0.1).mean()) if on.any() else None,
+        }
     out["min_precision"] = min(v["precision"] for k, v in out.items() if k.startswith("module"))
     out["min_recall"] = min(v["recall"] for k, v in out.items() if k.startswith("module"))
     circ = [sorted({labels[u] for u in c["members"]}) for c in res.circuits]
@@ -86,7 +106,13 @@ def _leak(values: dict, planted: set, names: tuple[str, ...]) -> dict[str, float
 
 def planted_recovery(target: str, model: Any, res: ChannelAnalysis, xs: Any,
                      names: tuple[str, ...]) -> dict[str, Any] | None:
-    """The T1 / T2 checks of ``res`` (``None`` for targets without ground truth)."""
+    """The T1 / T2 checks of ``res``, the induction checks of
+    :func:`~.induction.induction_recovery` for ``induction``, ``None`` for targets without
+    ground truth."""
+    if target == "induction":
+        from .induction import induction_recovery
+
+        return induction_recovery(model, res, xs, names)
     labels = channel_labels(target, model, res)
     if labels is None:
         return None

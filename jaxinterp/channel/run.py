@@ -10,9 +10,12 @@ write channels, edges, modules and circuits, and write a run directory:
 
 Targets: ``planted-channels`` and ``block-mlp`` (hand-built; their config fields, e.g.
 ``--gated true --kappa 0.3 --activation tanh``, are accepted as overrides) and
-``tms-5-2`` (trained, cached under ``runs/targets``). Hand-built toys use product
+``tms-5-2`` and ``induction`` (trained, cached under ``runs/targets``; ``--attention
+frozen_pattern`` linearises heads with their patterns held). Hand-built toys use product
 design data and ``prune = roundoff`` (see ``experiments/channel_graph.md`` for why the
-rotation null is not used there).
+rotation null is not used there). For ``induction``, ``planted_recovery`` holds the
+checks of :func:`~.induction.induction_recovery` (head roles, edges into the induction
+head, in-context loss recovered by circuits).
 
 References:
     specs/channel-graph.md (project method).
@@ -48,6 +51,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "planted-channels": {"prune": "roundoff"},
     "block-mlp": {"prune": "roundoff"},
     "tms-5-2": {"n_data": 10_000},
+    # 130 softmax outputs and a (64, 16) stream per example: random relevance probes and
+    # a smaller null keep a run to minutes on a CPU
+    "induction": {"n_data": 1000, "probes": "random", "n_probes": 32, "n_null": 8,
+                  "chunk_size": 64},
 }
 
 
@@ -91,6 +98,7 @@ def _edges_report(res: ChannelAnalysis, names: tuple[str, ...]) -> list[dict[str
             "writer": names[a], "reader": names[b],
             "overlap": g["overlap"], "overlap_z": g["overlap_z"], "cosines": g["cosines"],
             "share": res.share[(a, b)], "driven_variance": w, "signed": res.causal.signed[(a, b)],
+            "ablation": res.causal.ablation[(a, b)],
             "null_driven_variance_q": cg.block_thresholds[i],
             "channel_max": float(np.max(e4, initial=0.0)), "channel_sum": float(np.sum(e4)),
             "channel_threshold": cg.thresholds[i],
@@ -247,7 +255,15 @@ def _cli_run(target_name: str, *, seeds: list[int], steps: int | None, out: str 
         summary[f"{tag}compression all (eta ranks)"] = m["compression_curve"]["all_eta"]
         summary[f"{tag}compression ratio"] = m["compression_curve"]["compression_ratio"]
         pr = m["planted_recovery"]
-        if pr is not None:
+        if pr is not None and "roles" in pr:
+            top = pr["top_edge_is_prev_token"]
+            summary[f"{tag}prev-token head top (E3)"] = top["driven_variance"]
+            summary[f"{tag}prev-token head top (E4)"] = top["channel_max"]
+            summary[f"{tag}loss full"] = pr["losses"]["full"]
+            summary[f"{tag}loss heads ablated"] = pr["losses"]["base"]
+            for k, v in pr["recovery"].items():
+                summary[f"{tag}recovery {k}"] = v
+        elif pr is not None:
             if pr.get("ari") is not None:
                 summary[f"{tag}ARI"] = pr["ari"]
             if "max_angle" in pr:

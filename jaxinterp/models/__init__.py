@@ -2,6 +2,7 @@
 
 from . import block_mlp as block_mlp  # noqa: F401  (registers block-mlp)
 from . import digits as digits  # noqa: F401  (registers digits-mlp)
+from . import induction as induction  # noqa: F401  (registers induction)
 from . import modadd as modadd  # noqa: F401  (registers modadd)
 from . import planted as planted  # noqa: F401  (registers planted-channels)
 from . import resid_mlp as resid_mlp  # noqa: F401  (registers resid-mlp-*)

@@ -15,7 +15,8 @@ independently), ``kappa > 0`` (crosstalk: A_2 also writes ``kappa`` times its fi
 coordinate along the first direction of W_2, which B_2 reads), ``out_rank = 2`` (O_1 and
 O_2 are 2-d: unequal ranks). The analysis data are a product design: every pairing of
 ``n_side`` module-A draws with ``n_side`` module-B draws, so cross-module covariances
-vanish exactly.
+vanish exactly, and (by default) the draws come in antithetic pairs ``(z, -z)``, so each
+module's inputs have mean exactly zero.
 
 References:
     specs/channel-graph.md section 8, T1 (project toy).
@@ -185,6 +186,8 @@ class PlantedConfig(TrainConfig):
         gated: zero each module's inputs with probability 1/2.
         stds: standard deviations of ``x_0..x_5`` (distinct).
         n_side: draws per module; the product design has ``n_side**2`` rows.
+        antithetic: draws in ``(z, -z)`` pairs (exactly centred inputs; see
+            :func:`product_design`).
     """
 
     steps: int = 0
@@ -196,6 +199,7 @@ class PlantedConfig(TrainConfig):
     gated: bool = False
     stds: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
     n_side: int = 100
+    antithetic: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -209,17 +213,26 @@ class PlantedConfig(TrainConfig):
             raise fail(fn, "steps", "0 (hand-built)", self.steps)
 
 
-def product_design(key: Key, stds: Any, n_side: int, *, gated: bool = False) -> Array:
+def product_design(key: Key, stds: Any, n_side: int, *, gated: bool = False,
+                   antithetic: bool = True) -> Array:
     """``(n_side**2, 6)`` inputs: every pairing of ``n_side`` Gaussian draws of
     ``x_0..x_2`` with ``n_side`` draws of ``x_3..x_5`` (scaled by ``stds``); ``gated``
-    zeroes each draw with probability 1/2."""
+    zeroes each draw with probability 1/2. ``antithetic`` draws come in pairs ``(z, -z)``
+    sharing their gate (``n_side`` even), so each module's inputs have mean exactly 0 and
+    a linear block's mean write is its write at zero input, as in the population (an
+    odd ``n_side`` keeps the last draw unpaired)."""
     k1, k2, k3, k4 = jax.random.split(key, 4)
     s = jnp.asarray(stds)
-    a = jax.random.normal(k1, (n_side, 3)) * s[None, :3]
-    b = jax.random.normal(k2, (n_side, 3)) * s[None, 3:]
-    if gated:
-        a = a * jax.random.bernoulli(k3, 0.5, (n_side, 1)).astype(a.dtype)
-        b = b * jax.random.bernoulli(k4, 0.5, (n_side, 1)).astype(b.dtype)
+    half = (n_side + 1) // 2 if antithetic else n_side
+
+    def draws(k, kg, sd):
+        z = jax.random.normal(k, (half, 3)) * sd[None, :]
+        g = (jax.random.bernoulli(kg, 0.5, (half, 1)).astype(z.dtype) if gated
+             else jnp.ones((half, 1), z.dtype))
+        z = z * g
+        return jnp.concatenate([z, -z], axis=0)[:n_side] if antithetic else z
+
+    a, b = draws(k1, k3, s[:3]), draws(k2, k4, s[3:])
     return jnp.concatenate([jnp.repeat(a, n_side, axis=0), jnp.tile(b, (n_side, 1))], axis=1)
 
 
@@ -233,7 +246,8 @@ class PlantedTarget(ToyTarget):
                                activation=cfg.activation, kappa=cfg.kappa, key=key)
 
     def make_data(self, cfg: PlantedConfig, key: Key) -> dict[str, Array]:
-        return {"x": product_design(key, cfg.stds, cfg.n_side, gated=cfg.gated)}
+        return {"x": product_design(key, cfg.stds, cfg.n_side, gated=cfg.gated,
+                                    antithetic=cfg.antithetic)}
 
     def sample(self, cfg, data, key, step):  # hand-built: never trained
         raise RuntimeError("planted-channels is hand-built and has no training step")
