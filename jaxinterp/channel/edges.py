@@ -37,7 +37,7 @@ from .._types import Array, Key
 from ..lib.stats import chunked_sum, einsum64
 from .adapters import as_float
 from .model import ChannelModel, divergence, to_float64, trace
-from .stats import METRICS, pullbacks, relevance_probes, zero_deltas
+from .stats import METRICS, probe_cotangents, zero_deltas
 from .subspaces import ChannelSet
 
 NULL_SPACES = ("stream", "support")
@@ -151,13 +151,7 @@ def _reader_tangents(model, cs_arrays, tr, b, rots):
 
 def _example(model, cs_arrays, rots, x, y_ref, key, metric, exact, n_probes):
     n = model.n_blocks
-    if metric == "relevance":
-        y = trace(model, x).y
-        eps = relevance_probes(model.output, y, exact=exact, n_probes=n_probes, key=key)
-        tr, cots = pullbacks(model, x, eps)
-        scale = 1.0 if exact else 1.0 / n_probes
-    else:
-        tr, cots, scale = trace(model, x), None, 1.0
+    tr, cots, scale = probe_cotangents(model, x, key, metric, exact, n_probes)
     grads = jax.grad(lambda d: divergence(model.output, trace(model, x, deltas=d).y, y_ref))(
         zero_deltas(model, x))
     out = []

@@ -121,18 +121,25 @@ def _gram(a: Array) -> Array:
     return einsum64("ips,ipt->st", a, a)
 
 
+def probe_cotangents(model: ChannelModel, x: Any, key: Key, metric: str, exact: bool,
+                     n_probes: int) -> tuple[Any, Any, float]:
+    """One example's trace, its write cotangents ``Phi_b^T eps`` from the output probes of
+    ``metric`` (``None`` for ``iso``) and the probe normalisation (1 for exact probes,
+    ``1 / n_probes`` for random ones)."""
+    if metric == "relevance":
+        y = trace(model, x).y
+        eps = relevance_probes(model.output, y, exact=exact, n_probes=n_probes, key=key)
+        tr, cots = pullbacks(model, x, eps)
+        return tr, cots, 1.0 if exact else 1.0 / n_probes
+    return trace(model, x), None, 1.0
+
+
 def reader_pullbacks(model: ChannelModel, x: Any, key: Key, metric: str, exact: bool,
                      n_probes: int) -> tuple[Any, Any, float, list[Array]]:
     """One example's trace, write cotangents ``Phi_b^T eps`` (``None`` for ``iso``), the
     probe normalisation, and per reader ``k = 1..n+1`` the pulled-back probes
     ``J_k^T s_i``, ``(n_probes_k, P, d_in)`` (vmapped VJPs)."""
-    if metric == "relevance":
-        y = trace(model, x).y
-        eps = relevance_probes(model.output, y, exact=exact, n_probes=n_probes, key=key)
-        tr, cots = pullbacks(model, x, eps)
-        scale = 1.0 if exact else 1.0 / n_probes
-    else:
-        tr, cots, scale = trace(model, x), None, 1.0
+    tr, cots, scale = probe_cotangents(model, x, key, metric, exact, n_probes)
     jts = []
     for k in range(1, model.n_blocks + 2):
         o, vjp_h = jax.vjp(model.node_fn(k), tr.reads[k - 1])
