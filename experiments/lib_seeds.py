@@ -27,6 +27,8 @@ def _acc_at(m: dict, basis: str, layer: str, n: int) -> float:
 def rows(ms: list[dict]) -> list[tuple[str, list, str]]:
     """``(check, per-seed values, verdict)`` rows."""
     out = []
+    acc = [round(m["base_score"], 4) for m in ms]
+    out.append(("target test accuracy [>= 0.998]", acc, _v(all(a >= 0.998 for a in acc))))
     rel = [m["n_relevant_directions"]["lib"]["resid_mid"] for m in ms]
     cliff = [(r["n_rel"], round(r["gap_ratio"], 1)) for r in rel]
     ok = all(12 <= n <= 18 and g >= 30 for n, g in cliff)
@@ -76,11 +78,32 @@ def rows(ms: list[dict]) -> list[tuple[str, list, str]]:
         out.append(("same-frequency edge fraction pre->mid LIB/PCA [LIB >= 0.75, > PCA]",
                     [f"{a:.2f}/{b:.2f}" for a, b in zip(lib, pca, strict=True)],
                     _v(all(a >= 0.75 and a > b for a, b in zip(lib, pca, strict=True)))))
+    if all("fourier_frequencies" in m for m in ms):
+        ff = [m["fourier_frequencies"] for m in ms]
+        freqs = [f["lib"]["resid_pre"]["relevant_frequencies"] for f in ff]
+        out.append(("LIB key frequencies resid_pre [3-6 cos/sin pairs]", freqs,
+                    _v(all(3 <= len(f) <= 6 for f in freqs))))
+        knee = [m["node_ablation"]["lib"]["resid_pre"]["minimal_directions"] for m in ms]
+        pred = [1 + 2 * len(f) for f in freqs]
+        out.append(("  1 + 2 x frequencies vs LIB knee resid_pre [~, +-2]",
+                    [f"{a}/{b}" for a, b in zip(pred, knee, strict=True)],
+                    _v(all(b is not None and abs(a - b) <= 2
+                           for a, b in zip(pred, knee, strict=True)))))
+        for layer in LAYERS:
+            lib = [f["lib"][layer]["mean_purity_relevant"] for f in ff]
+            pca = [f["pca"][layer]["mean_purity_relevant"] for f in ff]
+            out.append((f"Fourier purity {layer} LIB/PCA [mean LIB >= PCA - 0.02]",
+                        [f"{a:.2f}/{b:.2f}" for a, b in zip(lib, pca, strict=True)],
+                        _v(np.mean(lib) >= np.mean(pca) - 0.02)
+                        + f" ({np.mean(lib):.2f} vs {np.mean(pca):.2f})"))
     build = [round(sum(m["build_seconds"]["lib"].values()), 2) for m in ms]
     out.append(("LIB build seconds (basis + edges) [<= 60 s CPU]", build,
                 _v(all(b <= 60 for b in build))))
     q = [round(m["modularity_q"]["lib"]["gamma=1"], 3) for m in ms]
     out.append(("modularity Q (LIB, gamma=1) [report]", q, "-"))
+    z = [m["communities"]["lib"]["gamma=1"].get("null_z") for m in ms]
+    out.append(("  null z of Q (LIB, gamma=1) [report]",
+                [None if v is None else round(v, 1) for v in z], "-"))
     return out
 
 

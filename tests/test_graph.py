@@ -187,6 +187,51 @@ def test_modularity_of_two_disconnected_modules(w, expected):
     assert found.inside_fraction == pytest.approx(1.0)
 
 
+def layered(n_layers=3, width=8, modules=2, cross=0.0, seed=0):
+    """A layered nx graph: ``modules`` chains of dense blocks between adjacent layers,
+    plus ``cross`` weight on every cross-module pair."""
+    rng = np.random.default_rng(seed)
+    g = nx.Graph()
+    per = width // modules
+    for li in range(n_layers):
+        for i in range(width):
+            g.add_node(f"L{li}/{i}", layer_index=li)
+    for li in range(n_layers - 1):
+        for i in range(width):
+            for j in range(width):
+                w = 1.0 + rng.random() if i // per == j // per else cross
+                if w > 0:
+                    g.add_edge(f"L{li}/{i}", f"L{li + 1}/{j}", weight=w)
+    return g
+
+
+def test_null_modularity_keeps_layout_and_separates_structure():
+    g = layered()
+    q = graph.detect_communities(g).modularity
+    null = graph.community.null_modularity(g, n_graphs=10)
+    assert len(null["values"]) == 10 and null["std"] > 0
+    z = graph.community.null_z(q, null)
+    assert q > 0.49 and z > 5  # two disconnected halves of near-equal degree
+    # i.i.d. weights on every pair of adjacent layers: exchangeable with its own null
+    flat = layered(modules=1)
+    qf = graph.detect_communities(flat, seeds=(0, 1, 2)).modularity
+    assert abs(graph.community.null_z(qf, graph.community.null_modularity(flat))) < 4
+    # same node set, same weights per layer pair, no edge inside a layer
+    h_null = graph.community.null_modularity(g, n_graphs=1, seed=3)
+    assert h_null == graph.community.null_modularity(g, n_graphs=1, seed=3)  # deterministic
+    with pytest.raises(ValueError, match="null_modularity: expected n_graphs"):
+        graph.community.null_modularity(g, n_graphs=0)
+
+
+def test_target_n_communities_finds_the_requested_count():
+    g = layered(width=12, modules=3, cross=0.05)
+    c = graph.community.target_n_communities(g, 3, n_gammas=3, seeds=(0,))
+    assert c is not None and c.n_nonsingleton == 3 and sorted(c.sizes) == [12, 12, 12]
+    assert graph.community.target_n_communities(g, 40, max_draws=5, seeds=(0,)) is None
+    with pytest.raises(ValueError, match="target_n_communities: expected n"):
+        graph.community.target_n_communities(g, 0)
+
+
 def test_weight_transforms():
     g = two_blocks(weights=(1.0, 100.0))
     logw = graph.undirected(g)  # eps = smallest non-constant edge = 1

@@ -145,6 +145,10 @@ def test_cli_run_lib_on_a_small_block_mlp(tmp_path):
             "--no-progress",
             "--resolutions",
             "0.5",
+            "--n-null",
+            "5",
+            "--target-n",
+            "2",
         ]
     )
     assert rc == 0
@@ -161,7 +165,10 @@ def test_cli_run_lib_on_a_small_block_mlp(tmp_path):
     assert m["n_basis_examples"] == 400 and m["base_score"] == pytest.approx(1.0)
     names = [".layers[0].weight", ".layers[1].weight", "output"]
     assert list(m["lambdas"]["lib"]) == names
-    assert m["communities"]["lib"]["gamma=0.5"]["n_nonsingleton"] == 2
+    comm = m["communities"]["lib"]
+    assert comm["gamma=0.5"]["n_nonsingleton"] == 2
+    assert comm["gamma=0.5"]["null_z"] > 3  # two disconnected blocks beat permuted weights
+    assert comm["n=2"]["n_nonsingleton"] == 2 and comm["n=2"]["resolution"] > 0
     for f in (
         "lambdas.png",
         "node_ablation.png",

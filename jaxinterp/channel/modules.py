@@ -1,7 +1,8 @@
 """Connected modules and modularity of a channel graph (spec section 6): Louvain
 communities at several resolutions (best ``Q`` over seeds, via the shared
 :func:`~jaxinterp.graph.detect_communities`), the null z-score over graphs whose edge
-weights are permuted within each block pair, and the adjusted Rand index against planted
+weights are permuted within each block pair (the shared
+:func:`~jaxinterp.graph.community.null_modularity`), and the adjusted Rand index against planted
 module labels.
 
 References:
@@ -17,14 +18,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import networkx as nx
-import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from .. import graph as G
 from .._checks import fail
 from .assemble import ChannelGraph, to_networkx
 
-__all__ = ["channel_modules", "null_modularity", "partition_ari", "planted_modularity"]
+__all__ = ["channel_modules", "partition_ari", "planted_modularity"]
 
 
 def _report(c: G.Communities) -> dict[str, Any]:
@@ -38,33 +38,6 @@ def _report(c: G.Communities) -> dict[str, Any]:
         "n_isolated": c.n_isolated,
         "members": [sorted(m) for m in c.communities],
     }
-
-
-def null_modularity(
-    cg: ChannelGraph, g: nx.Graph, *, resolution: float = 1.0, n_graphs: int = 20,
-    seeds: Sequence[int] = (0, 1, 2), seed: int = 0,
-) -> dict[str, float]:
-    """Best Louvain ``Q`` of ``n_graphs`` graphs whose edge weights are permuted among the
-    edges of each block pair: ``{"mean", "std"}``."""
-    rng = np.random.default_rng(seed)
-    layer_of = {nid: la.name for la in cg.layers for nid in la.ids}
-    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for u, v in g.edges():
-        groups.setdefault(tuple(sorted((layer_of[u], layer_of[v]))), []).append((u, v))
-    qs = []
-    for _ in range(n_graphs):
-        h = nx.Graph()
-        h.add_nodes_from(g.nodes(data=True))
-        for es in groups.values():
-            ws = np.asarray([g[u][v]["weight"] for u, v in es])
-            # permute over all node pairs of the block pair, so structure is destroyed
-            la, lb = layer_of[es[0][0]], layer_of[es[0][1]]
-            cand = [(x, y) for x in cg.layer(la).ids for y in cg.layer(lb).ids if x != y]
-            pick = rng.choice(len(cand), size=len(ws), replace=False)
-            for (x, y), w in zip((cand[i] for i in pick), ws, strict=True):
-                h.add_edge(x, y, weight=float(w))
-        qs.append(G.detect_communities(h, resolution=resolution, seeds=seeds).modularity)
-    return {"mean": float(np.mean(qs)), "std": float(np.std(qs))}
 
 
 def partition_ari(communities: Sequence[Sequence[str]], labels: Mapping[str, int]) -> float:
@@ -115,10 +88,9 @@ def channel_modules(
         c = G.detect_communities(g, resolution=gamma, seeds=seeds)
         rep = _report(c)
         if n_null:
-            null = null_modularity(cg, g, resolution=gamma, n_graphs=n_null)
+            null = G.community.null_modularity(g, resolution=gamma, n_graphs=n_null)
             rep["null_mean"], rep["null_std"] = null["mean"], null["std"]
-            rep["null_z"] = ((c.modularity - null["mean"]) / null["std"]
-                             if null["std"] > 0 else None)
+            rep["null_z"] = G.community.null_z(c.modularity, null)
         if labels is not None:
             rep["ari"] = partition_ari(c.communities, labels)
             rep["planted_q"] = planted_modularity(g, labels, resolution=gamma)

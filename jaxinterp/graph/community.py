@@ -14,18 +14,24 @@ keeping the partition with the highest ``Q``, where
     Q = (1/2m) sum_uv [A_uv - gamma k_u k_v / 2m] delta(c_u, c_v)
       = sum_c [L_c / m - gamma (d_c / 2m)^2].
 
+Also: the null z-score of ``Q`` (Louvain on graphs whose edge weights are permuted
+among the node pairs of each layer pair; Guimera et al. 2004 show that the maximised ``Q``
+of a structureless graph is well above 0, so ``Q`` alone says little), and the target-n
+mode that searches the resolution for exactly ``n`` non-singleton communities.
+
 Everything here runs on the host (never jitted).
 
 References:
     Newman (2006), "Modularity and community structure in networks" (PNAS 103:8577);
     Blondel et al. (2008), "Fast unfolding of communities in large networks" (Louvain);
-    Bushnaq et al. (2024), "The Local Interaction Basis" (arXiv 2405.10928).
+    Bushnaq et al. (2024), "The Local Interaction Basis" (arXiv 2405.10928); Guimera,
+    Sales-Pardo, Amaral (2004), "Modularity from fluctuations in random graphs".
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -33,7 +39,15 @@ import numpy as np
 from .._checks import check_in, check_positive, fail
 from .graph import Graph, parse_node_id
 
-__all__ = ["TRANSFORMS", "Communities", "detect_communities", "modularity", "undirected"]
+__all__ = [
+    "TRANSFORMS",
+    "Communities",
+    "detect_communities",
+    "modularity",
+    "null_modularity",
+    "target_n_communities",
+    "undirected",
+]
 
 TRANSFORMS = ("log_eps", "sqrt", "abs", "raw")
 ROUNDOFF = 1e-12
@@ -182,3 +196,119 @@ def detect_communities(
         inside_fraction=float(inside / total) if total else 0.0,
         n_isolated=sum(1 for u in g.nodes if g.degree(u) == 0),
     )
+
+
+def _layer_key(g: nx.Graph, u: str) -> object:
+    return g.nodes[u].get("layer_index", parse_node_id(u)[0])
+
+
+def null_modularity(
+    g: nx.Graph,
+    *,
+    resolution: float = 1.0,
+    n_graphs: int = 20,
+    seeds: Sequence[int] = (0, 1, 2),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The modularity a structureless graph of the same layout reaches.
+
+    Each null graph keeps the nodes of ``g`` and, for every pair of node layers (node
+    attribute ``layer_index``, else the layer of the node id), places that pair's edge
+    weights on node pairs drawn uniformly without replacement among all node pairs of the
+    two layers; its ``Q`` is the best Louvain ``Q`` over ``seeds``.
+
+    Args:
+        g: the undirected weighted graph (as from :func:`undirected`).
+        resolution: ``gamma``.
+        n_graphs: null graphs drawn.
+        seeds: Louvain seeds per null graph.
+        seed: seed of the permutations.
+
+    Returns:
+        ``{"mean", "std", "values"}`` (``values``: the ``n_graphs`` null ``Q``).
+
+    Raises:
+        ValueError: on ``n_graphs < 1``.
+    """
+    check_positive("null_modularity", "n_graphs", n_graphs, integer=True)
+    rng = np.random.default_rng(seed)
+    members: dict[object, list[str]] = {}
+    for u in g.nodes:
+        members.setdefault(_layer_key(g, u), []).append(u)
+    groups: dict[tuple[object, object], list[float]] = {}
+    for u, v, w in g.edges(data="weight"):
+        a, b = sorted((_layer_key(g, u), _layer_key(g, v)), key=repr)
+        groups.setdefault((a, b), []).append(float(w))
+    qs = []
+    for _ in range(n_graphs):
+        h = nx.Graph()
+        h.add_nodes_from(g.nodes(data=True))
+        for (a, b), ws in groups.items():
+            xs, ys = members[a], members[b]
+            if a == b:
+                ii, jj = np.triu_indices(len(xs), k=1)
+            else:
+                ii, jj = np.divmod(np.arange(len(xs) * len(ys)), len(ys))
+            pick = rng.choice(ii.size, size=len(ws), replace=False)
+            for w, k in zip(ws, pick, strict=True):
+                x, y = xs[int(ii[k])], (xs if a == b else ys)[int(jj[k])]
+                h.add_edge(x, y, weight=w)
+        qs.append(detect_communities(h, resolution=resolution, seeds=seeds).modularity)
+    return {"mean": float(np.mean(qs)), "std": float(np.std(qs)), "values": qs}
+
+
+def null_z(q: float, null: dict[str, Any]) -> float | None:
+    """``(Q - mean Q_null) / std Q_null`` (``None`` when the null has no spread)."""
+    return (q - null["mean"]) / null["std"] if null["std"] > 0 else None
+
+
+def target_n_communities(
+    g: nx.Graph,
+    n: int,
+    *,
+    gamma0: float = 1.0,
+    n_gammas: int = 10,
+    max_draws: int = 200,
+    seeds: Sequence[int] = tuple(range(10)),
+    seed: int = 0,
+) -> Communities | None:
+    """Communities with exactly ``n`` non-singleton communities (LIB's plotting mode).
+
+    Draws ``gamma ~ LogNormal(log gamma0, 1)`` until ``n_gammas`` of them give exactly
+    ``n`` non-singleton communities (at most ``max_draws`` draws) and keeps the partition
+    with the highest ``Q`` (each at its own ``gamma``).
+
+    Args:
+        g: the undirected weighted graph.
+        n: non-singleton communities wanted.
+        gamma0: median of the resolution draws.
+        n_gammas: accepted resolutions to collect.
+        max_draws: draws before giving up.
+        seeds: Louvain seeds per resolution.
+        seed: seed of the resolution draws.
+
+    Returns:
+        The best :class:`Communities`, or ``None`` when no draw gave ``n`` communities.
+
+    Raises:
+        ValueError: on non-positive ``n``, ``gamma0``, ``n_gammas`` or ``max_draws``.
+    """
+    fn = "target_n_communities"
+    check_positive(fn, "n", n, integer=True)
+    check_positive(fn, "gamma0", gamma0)
+    check_positive(fn, "n_gammas", n_gammas, integer=True)
+    check_positive(fn, "max_draws", max_draws, integer=True)
+    rng = np.random.default_rng(seed)
+    best: Communities | None = None
+    found = 0
+    for _ in range(max_draws):
+        gamma = float(np.exp(rng.normal(np.log(gamma0), 1.0)))
+        c = detect_communities(g, resolution=gamma, seeds=seeds)
+        if c.n_nonsingleton != n:
+            continue
+        found += 1
+        if best is None or c.modularity > best.modularity:
+            best = c
+        if found == n_gammas:
+            break
+    return best

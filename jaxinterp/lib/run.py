@@ -71,6 +71,10 @@ class LIBConfig:
         delta_nodes, delta_edges: tolerated score drops (minimal directions, bisect).
         max_gap_index: largest ``n`` searched for the Lambda cliff.
         resolutions: Louvain resolutions reported.
+        n_null: null graphs (edge weights permuted within each layer pair) for the null
+            z-score of ``Q`` at each resolution (0: skipped).
+        target_n: also report the best partition with exactly this many non-singleton
+            communities (resolution searched, channel-graph spec section 6); ``None``: off.
         bisect: run the edge bisection.
         chunk_size: examples per chunk of the float64 accumulations.
         plots: write figures.
@@ -91,6 +95,8 @@ class LIBConfig:
     delta_edges: float = 0.001
     max_gap_index: int = 40
     resolutions: tuple[float, ...] = (1.0, 0.5)
+    n_null: int = 20
+    target_n: int | None = None
     bisect: bool = True
     chunk_size: int = 256
     plots: bool = True
@@ -106,7 +112,8 @@ class LIBConfig:
         check_nonnegative(fn, "delta_edges", self.delta_edges)
         check_positive(fn, "max_gap_index", self.max_gap_index, integer=True)
         check_positive(fn, "chunk_size", self.chunk_size, integer=True)
-        for name in ("n_basis", "n_eval"):
+        check_nonnegative(fn, "n_null", self.n_null)
+        for name in ("n_basis", "n_eval", "target_n"):
             if getattr(self, name) is not None:
                 check_positive(fn, name, getattr(self, name), integer=True)
 
@@ -331,17 +338,16 @@ def run_lib(
         graphs[key] = g
         m["modularity_q"][key], m["communities"][key] = {}, {}
         eps_arg = eps if eps and all(e is not None and e > 0 for e in eps) else None
+        ug = graph.undirected(g, eps=eps_arg)
         for gamma in cfg.resolutions:
-            c = graph.detect_communities(g, resolution=gamma, eps=eps_arg)
+            c = graph.detect_communities(ug, resolution=gamma)
             m["modularity_q"][key][f"gamma={gamma:g}"] = c.modularity
-            m["communities"][key][f"gamma={gamma:g}"] = {
-                "n_nonsingleton": c.n_nonsingleton,
-                "sizes": c.sizes,
-                "spans": c.spans,
-                "inside_fraction": c.inside_fraction,
-                "n_isolated": c.n_isolated,
-                "members": [sorted(x) for x in c.communities if len(x) > 1],
-            }
+            m["communities"][key][f"gamma={gamma:g}"] = _community_report(c, ug, cfg.n_null)
+        if cfg.target_n is not None:
+            c = graph.community.target_n_communities(ug, cfg.target_n, seeds=(0, 1, 2))
+            m["communities"][key][f"n={cfg.target_n}"] = (
+                None if c is None else {"resolution": c.resolution, **_community_report(c, ug, 0)}
+            )
     steps.close()
     if target_name == "modadd":
         from ..models.modadd import key_frequencies
@@ -447,6 +453,26 @@ def _write(
     return [str(p) for p in out]
 
 
+def _community_report(c: graph.Communities, ug: Any, n_null: int) -> dict[str, Any]:
+    rep: dict[str, Any] = {
+        "modularity_q": c.modularity,
+        "n_nonsingleton": c.n_nonsingleton,
+        "sizes": c.sizes,
+        "spans": c.spans,
+        "inside_fraction": c.inside_fraction,
+        "n_isolated": c.n_isolated,
+        "members": [sorted(x) for x in c.communities if len(x) > 1],
+    }
+    if n_null and ug.size(weight="weight") > 0:
+        null = graph.community.null_modularity(ug, resolution=c.resolution, n_graphs=n_null)
+        rep.update(
+            null_mean=null["mean"],
+            null_std=null["std"],
+            null_z=graph.community.null_z(c.modularity, null),
+        )
+    return rep
+
+
 def _load(name: str, seed: int, target_dir: str | None, progress: bool) -> tuple[Any, Any]:
     from ..decomposition.runs import load_or_train_target
 
@@ -481,7 +507,8 @@ def _cli_run(
     if steps is not None:
         raise fail("lib", "--steps", "not given (LIB has no training steps)", steps)
     cfg = lib_config(
-        target_name, **coerce_overrides(overrides, LIBConfig, "lib", ("n_basis", "n_eval"))
+        target_name,
+        **coerce_overrides(overrides, LIBConfig, "lib", ("n_basis", "n_eval", "target_n")),
     )
     summary: dict[str, Any] = {}
     for seed in seeds:
