@@ -52,6 +52,32 @@ def _run(target, seed, **target_overrides):
     return run_channel_graph(model, target, tcfg, cfg, seed=seed, progress=False).metrics
 
 
+def test_t1_linear_channel_edges_are_one_to_one():
+    """Why channel-level Louvain cannot return the 2 planted modules when phi = identity.
+
+    For a linear writer a and reader b with ``o_b = J o_a``, relevance pulls back,
+    ``K_a = Jᵀ K_b J``. With ``X = K_b^½ J Σ_a^½``, a's write channels diagonalise
+    ``XᵀX`` and b's diagonalise ``XXᵀ``: they are the right and left singular vectors of
+    ``X``, so the E4 coupling between them is diagonal. Each module is then a set of
+    disconnected channel chains, and no modularity maximiser merges disconnected parts.
+    """
+    model, tcfg = load_target_for("planted-channels", 0, None, False, {"n_side": 30})
+    cfg = channel_graph_config("planted-channels", plots=False, n_null_graphs=0)
+    res = run_channel_graph(model, "planted-channels", tcfg, cfg, seed=0, progress=False)
+    cg = res.analysis.graph
+    checked = 0
+    for (a, b), e in zip(cg.pairs, cg.edges, strict=True):
+        if (a, b) not in (("A1", "A2"), ("B1", "B2")):
+            continue
+        e = np.abs(np.asarray(e, np.float64))
+        big = e > 1e-10 * e.max()
+        assert e.shape == (3, 3)
+        assert (big.sum(0) == 1).all() and (big.sum(1) == 1).all(), e  # a permutation
+        checked += 1
+    assert checked == 2
+    assert res.metrics["communities"]["gamma=1"]["n_communities"] > 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_t1_planted_tanh_over_seeds(seed):
