@@ -121,7 +121,7 @@ def test_fourier_labels_of_pure_tones():
     assert frac == pytest.approx(0.4)
 
 
-def test_cli_run_lib_on_a_small_block_mlp(tmp_path):
+def test_cli_run_lib_on_a_small_block_mlp(tmp_path, capsys):
     target = ji.get_target("block-mlp")
     ji.train_target(
         target,
@@ -165,6 +165,8 @@ def test_cli_run_lib_on_a_small_block_mlp(tmp_path):
     assert m["n_basis_examples"] == 400 and m["base_score"] == pytest.approx(1.0)
     names = [".layers[0].weight", ".layers[1].weight", "output"]
     assert list(m["lambdas"]["lib"]) == names
+    rc = cli.main(["run", "lib", "block-mlp", "--target", str(tmp_path / "t"), "--seed", "2"])
+    assert rc == 2 and "expected --seed 0 (the seed of the target" in capsys.readouterr().err
     comm = m["communities"]["lib"]
     assert comm["gamma=0.5"]["n_nonsingleton"] == 2
     assert comm["gamma=0.5"]["null_z"] > 3  # two disconnected blocks beat permuted weights

@@ -513,6 +513,16 @@ def _cli_run(
     summary: dict[str, Any] = {}
     for seed in seeds:
         model, tcfg = _load(target_name, seed, target_dir, progress)
+        if target_dir is not None:  # the split is the loaded target's, whatever --seed says
+            tseed = int(getattr(tcfg, "seed", seed))
+            if seed not in (0, tseed):
+                raise fail(
+                    "lib",
+                    "--seed",
+                    f"{tseed} (the seed of the target in {target_dir}) or omitted",
+                    seed,
+                )
+            seed = tseed
         run_out = (
             out
             if out and len(seeds) == 1
