@@ -217,3 +217,32 @@ def test_model_and_input_errors(planted):
         usage_matrix(np.ones((2, 2)), 0.0)
     with pytest.raises(ValueError, match="channel cut"):
         channel_model_for("modadd", None)
+
+
+def test_direction_edges_reuse_lib_and_equal_e4(mlp, planted, getkey):
+    """LIB's edge code on channel coordinates: the gradient-rule squared edges are E4 (one
+    position here); an integrated-gradient rule gives different, finite, non-negative
+    edges; residual models are refused."""
+    from jaxinterp.channel.direction import direction_edges
+
+    m = mlp[0]
+    # non-zero biases: a unit whose inputs are all dead and whose bias is 0 sits exactly on
+    # its ReLU kink, where the round-off of o_bar + c omega^T picks a side (module doc)
+    m = jax.tree_util.tree_map(
+        lambda a: a + 0.05 if hasattr(a, "ndim") and a.ndim == 1 else a, m)
+    xs = mlp[2]
+    with jax.enable_x64(True):
+        cm = channel_model_for("block-mlp", m)
+        cs = channels_from_stats(channel_stats(cm, xs), cm.node_names)
+    ce = causal_edges(cm, cs, xs, n_null=2, key=getkey())
+    de = direction_edges(cm, cs, xs)
+    assert set(de) == set(ce.channel)
+    for pair, e in de.items():
+        np.testing.assert_allclose(e, ce.channel[pair], rtol=1e-9, atol=1e-12 * e.max())
+    ig = direction_edges(cm, cs, xs, rule="gauss_legendre", n_intervals=4)
+    e, g = ig[(1, 2)], de[(1, 2)]
+    assert e.shape == g.shape and np.all(np.isfinite(e)) and np.all(e >= 0)
+    assert not np.allclose(e, g, rtol=1e-3)  # ReLU blocks: the rules differ
+    with pytest.raises(ValueError, match="direction_edges: expected model a sequential"):
+        direction_edges(planted[1], channels_from_stats(planted[3], planted[1].node_names),
+                        planted[2])

@@ -46,6 +46,22 @@ def test_cli_planted_channels_t1(tmp_path, capsys):
     assert pr["n_communities"] == 2 and pr["ari"] == 1.0 and pr["modularity_q"] >= 0.45
 
 
+def test_cli_block_mlp_direction_edges(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["run", "channel-graph", "block-mlp", "--out", str(out), "--no-progress",
+                     "--n-data", "400", "--n-null", "3", "--n-null-graphs", "2",
+                     "--usage", "false", "--plots", "false",
+                     "--direction-rule", "gauss_legendre", "--direction-intervals", "2"])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    de = m["direction_edges"]
+    assert de.pop("rule") == "gauss_legendre" and len(de) == len(m["ranks"]) - 1
+    assert all(np.all(np.asarray(e) >= 0) for e in de.values())
+    code = cli.main(["run", "channel-graph", "planted-channels", "--out", str(tmp_path / "p"),
+                     "--no-progress", "--n-side", "6", "--direction-rule", "gradient"])
+    assert code == 2 and "direction_rule" in capsys.readouterr().err
+
+
 def _run(target, seed, **target_overrides):
     model, tcfg = load_target_for(target, seed, None, False, target_overrides)
     cfg = channel_graph_config(target, plots=False, n_null_graphs=5)

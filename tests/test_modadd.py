@@ -165,7 +165,8 @@ def test_data_split_sizes_disjoint_and_deterministic():
 
 
 def test_should_stop_rule():
-    cfg = TARGET.config()
+    assert not TARGET.config().early_stop  # the spec's recipe runs all 60k updates
+    cfg = TARGET.config(early_stop=True)
 
     def ev(acc, loss):
         return {"test_accuracy": np.asarray(acc, float)[:, None],

@@ -15,6 +15,7 @@ References:
 from . import adapters as adapters
 from . import assemble as assemble
 from . import compression as compression
+from . import direction as direction
 from . import edges as edges
 from . import figures as figures
 from . import induction as induction
@@ -32,6 +33,7 @@ from .assemble import ChannelGraph as ChannelGraph
 from .assemble import as_graph as as_graph
 from .assemble import block_components as block_components
 from .compression import compression_curves as compression_curves
+from .direction import direction_edges as direction_edges
 from .edges import causal_edges as causal_edges
 from .edges import geometric_edges as geometric_edges
 from .model import ChannelModel as ChannelModel

@@ -18,9 +18,11 @@ import numpy as np
 
 from .._checks import check_in, check_nonnegative, check_positive, fail
 from .._types import Key
+from ..lib.quadrature import RULES
 from .adapters import ATTENTION
 from .assemble import PRUNE, ChannelGraph, assemble, block_components, to_networkx
 from .compression import compression_curves
+from .direction import direction_edges
 from .edges import NULL_SPACES, CausalEdges, causal_edges, geometric_edges, variance_share
 from .model import ChannelModel
 from .modules import channel_modules
@@ -60,6 +62,10 @@ class ChannelGraphConfig:
         resolutions: Louvain resolutions; n_null_graphs: null graphs for the z-score.
         transform: edge-weight transform for clustering (``log_eps``, ``sqrt``, ``abs``).
         usage, usage_frac: run section 5, and the activity fraction of the usage sets.
+        direction_rule, direction_intervals: also compute direction-level edges with the
+            LIB edge code and this quadrature rule (``gradient``, ``trapezoidal``,
+            ``gauss_legendre``; sequential models only, see :mod:`.direction`); ``None``:
+            off.
         chunk_size: examples per chunk of the float64 passes.
         plots: write figures.
     """
@@ -84,6 +90,8 @@ class ChannelGraphConfig:
     transform: str = "log_eps"
     usage: bool = True
     usage_frac: float = 0.9
+    direction_rule: str | None = None
+    direction_intervals: int = 0
     chunk_size: int = 128
     plots: bool = True
 
@@ -100,6 +108,9 @@ class ChannelGraphConfig:
         for name in ("n_probes", "rank", "n_ref", "n_null", "chunk_size"):
             check_positive(fn, name, getattr(self, name), integer=True)
         check_nonnegative(fn, "n_null_graphs", self.n_null_graphs, integer=True)
+        check_nonnegative(fn, "direction_intervals", self.direction_intervals, integer=True)
+        if self.direction_rule is not None:
+            check_in(fn, "direction_rule", self.direction_rule, RULES)
         if self.n_data is not None:
             check_positive(fn, "n_data", self.n_data, integer=True)
         if not 0.0 < self.eta <= 1.0:
@@ -127,6 +138,7 @@ class ChannelAnalysis(NamedTuple):
     circuit_checks: list[dict[str, Any]]
     clusters: dict[str, Any] | None
     seconds: dict[str, float]
+    direction: dict[tuple[int, int], np.ndarray] | None = None
 
 
 def channel_components(cg: ChannelGraph) -> list[list[str]]:
@@ -159,6 +171,9 @@ def channel_graph(
     Returns:
         :class:`ChannelAnalysis`.
     """
+    if cfg.direction_rule is not None and model.mode != "sequential":
+        raise fail("channel_graph", "cfg.direction_rule", "None for a residual model "
+                   "(direction-level edges need a sequential one)", cfg.direction_rule)
     tick = (lambda: progress.update()) if progress is not None else (lambda: None)
     sec: dict[str, float] = {}
     t = time.perf_counter()
@@ -207,5 +222,12 @@ def channel_graph(
         clusters = data_clusters(act)
         sec["usage"] = time.perf_counter() - t
     tick()
+    direction = None
+    if cfg.direction_rule is not None:
+        t = time.perf_counter()
+        direction = direction_edges(model, cs, xs, rule=cfg.direction_rule,
+                                    n_intervals=cfg.direction_intervals,
+                                    chunk_size=cfg.chunk_size)
+        sec["direction_edges"] = time.perf_counter() - t
     return ChannelAnalysis(stats, cs, comp, geo, share, ce, cg, comps, ccomps, mods, act, use,
-                           circuits, checks, clusters, sec)
+                           circuits, checks, clusters, sec, direction)

@@ -159,6 +159,11 @@ def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraph
             "k": res.clusters["k"], "silhouette": res.clusters["silhouette"]},
         "seconds": res.seconds,
     }
+    if res.direction is not None:
+        metrics["direction_edges"] = {
+            "rule": cfg.direction_rule,
+            **{f"{names[a]}->{names[b]}": e.tolist() for (a, b), e in res.direction.items()},
+        }
     with jax.enable_x64(True):
         metrics["planted_recovery"] = planted_recovery(target_name, model, res, used_xs, names)
     plots: list[str] = []
@@ -234,8 +239,8 @@ def _cli_run(target_name: str, *, seeds: list[int], steps: int | None, out: str 
     fields = {f.name for f in dataclasses.fields(ChannelGraphConfig)}
     own = {k: v for k, v in overrides.items() if k in fields}
     rest = {k: v for k, v in overrides.items() if k not in fields}
-    cfg = channel_graph_config(target_name, **coerce_overrides(own, ChannelGraphConfig,
-                                                               "channel-graph", ("n_data",)))
+    cfg = channel_graph_config(target_name, **coerce_overrides(
+        own, ChannelGraphConfig, "channel-graph", ("n_data",), ("direction_rule",)))
     summary: dict[str, Any] = {}
     for seed in seeds:
         model, tcfg = load_target_for(target_name, seed, target_dir, progress, rest)

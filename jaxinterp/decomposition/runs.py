@@ -32,10 +32,11 @@ def preset_config(cls: type, presets: dict[str, dict[str, Any]], fn: str, target
 
 
 def coerce_overrides(overrides: dict[str, Any], cls: type, method: str,
-                     int_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+                     int_fields: tuple[str, ...] = (),
+                     str_fields: tuple[str, ...] = ()) -> dict[str, Any]:
     """CLI strings to the types of the fields of the config dataclass ``cls`` (fields whose
     default is None are floats, or tuples of floats when comma-separated, unless listed in
-    ``int_fields``)."""
+    ``int_fields`` or ``str_fields``)."""
     types = {f.name: f.default for f in dataclasses.fields(cls)}
     out = {}
     for k, v in overrides.items():
@@ -47,6 +48,8 @@ def coerce_overrides(overrides: dict[str, Any], cls: type, method: str,
             out[k] = v
         elif v.lower() in ("none", "null"):
             out[k] = None
+        elif k in str_fields:
+            out[k] = v
         elif isinstance(d, bool):
             out[k] = v.lower() in ("1", "true", "yes")
         elif k in int_fields or (isinstance(d, int) and not isinstance(d, bool)):
