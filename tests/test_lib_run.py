@@ -149,6 +149,8 @@ def test_cli_run_lib_on_a_small_block_mlp(tmp_path, capsys):
             "5",
             "--target-n",
             "2",
+            "--null-mode",
+            "pairs",
         ]
     )
     assert rc == 0
@@ -169,7 +171,7 @@ def test_cli_run_lib_on_a_small_block_mlp(tmp_path, capsys):
     assert rc == 2 and "expected --seed 0 (the seed of the target" in capsys.readouterr().err
     comm = m["communities"]["lib"]
     assert comm["gamma=0.5"]["n_nonsingleton"] == 2
-    assert comm["gamma=0.5"]["null_z"] > 3  # two disconnected blocks beat permuted weights
+    assert comm["gamma=0.5"]["null_z"] > 3  # two disconnected blocks beat random placement
     assert comm["n=2"]["n_nonsingleton"] == 2 and comm["n=2"]["resolution"] > 0
     for f in (
         "lambdas.png",

@@ -88,7 +88,8 @@ def channel_modules(
         c = G.detect_communities(g, resolution=gamma, seeds=seeds)
         rep = _report(c)
         if n_null:
-            null = G.community.null_modularity(g, resolution=gamma, n_graphs=n_null)
+            null = G.community.null_modularity(g, resolution=gamma, n_graphs=n_null,
+                                               mode="pairs")
             rep["null_mean"], rep["null_std"] = null["mean"], null["std"]
             rep["null_z"] = G.community.null_z(c.modularity, null)
         if labels is not None:

@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 TRANSFORMS = ("log_eps", "sqrt", "abs", "raw")
+NULL_MODES = ("edges", "pairs")
 ROUNDOFF = 1e-12
 
 
@@ -209,13 +210,23 @@ def null_modularity(
     n_graphs: int = 20,
     seeds: Sequence[int] = (0, 1, 2),
     seed: int = 0,
+    mode: str = "edges",
 ) -> dict[str, Any]:
-    """The modularity a structureless graph of the same layout reaches.
+    """The modularity of null graphs with the same layout.
 
-    Each null graph keeps the nodes of ``g`` and, for every pair of node layers (node
-    attribute ``layer_index``, else the layer of the node id), places that pair's edge
-    weights on node pairs drawn uniformly without replacement among all node pairs of the
-    two layers; its ``Q`` is the best Louvain ``Q`` over ``seeds``.
+    Each null graph keeps the nodes of ``g``; for every pair of node layers (node attribute
+    ``layer_index``, else the layer of the node id) it redistributes that pair's edge
+    weights, and its ``Q`` is the best Louvain ``Q`` over ``seeds``:
+
+    * ``mode="edges"`` (the spec's null): the weights are permuted among the existing
+      edges of the pair, so the topology is kept and only the arrangement of the weights
+      is tested;
+    * ``mode="pairs"``: the weights are placed on node pairs drawn uniformly without
+      replacement among all node pairs of the two layers, destroying the topology too.
+      On a sparse (pruned) graph this null is a sparse random graph, whose maximised ``Q``
+      is high.
+
+    The two agree when every node pair of each layer pair carries an edge.
 
     Args:
         g: the undirected weighted graph (as from :func:`undirected`).
@@ -223,6 +234,7 @@ def null_modularity(
         n_graphs: null graphs drawn.
         seeds: Louvain seeds per null graph.
         seed: seed of the permutations.
+        mode: ``edges`` or ``pairs``.
 
     Returns:
         ``{"mean", "std", "values"}`` (``values``: the ``n_graphs`` null ``Q``).
@@ -231,19 +243,25 @@ def null_modularity(
         ValueError: on ``n_graphs < 1``.
     """
     check_positive("null_modularity", "n_graphs", n_graphs, integer=True)
+    check_in("null_modularity", "mode", mode, NULL_MODES)
     rng = np.random.default_rng(seed)
     members: dict[object, list[str]] = {}
     for u in g.nodes:
         members.setdefault(_layer_key(g, u), []).append(u)
-    groups: dict[tuple[object, object], list[float]] = {}
+    groups: dict[tuple[object, object], list[tuple[str, str, float]]] = {}
     for u, v, w in g.edges(data="weight"):
         a, b = sorted((_layer_key(g, u), _layer_key(g, v)), key=repr)
-        groups.setdefault((a, b), []).append(float(w))
+        groups.setdefault((a, b), []).append((u, v, float(w)))
     qs = []
     for _ in range(n_graphs):
         h = nx.Graph()
         h.add_nodes_from(g.nodes(data=True))
-        for (a, b), ws in groups.items():
+        for (a, b), es in groups.items():
+            ws = rng.permutation([w for _, _, w in es])
+            if mode == "edges":
+                for (x, y, _), w in zip(es, ws, strict=True):
+                    h.add_edge(x, y, weight=float(w))
+                continue
             xs, ys = members[a], members[b]
             if a == b:
                 ii, jj = np.triu_indices(len(xs), k=1)
@@ -252,7 +270,7 @@ def null_modularity(
             pick = rng.choice(ii.size, size=len(ws), replace=False)
             for w, k in zip(ws, pick, strict=True):
                 x, y = xs[int(ii[k])], (xs if a == b else ys)[int(jj[k])]
-                h.add_edge(x, y, weight=w)
+                h.add_edge(x, y, weight=float(w))
         qs.append(detect_communities(h, resolution=resolution, seeds=seeds).modularity)
     return {"mean": float(np.mean(qs)), "std": float(np.std(qs)), "values": qs}
 

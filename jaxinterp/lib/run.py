@@ -71,8 +71,10 @@ class LIBConfig:
         delta_nodes, delta_edges: tolerated score drops (minimal directions, bisect).
         max_gap_index: largest ``n`` searched for the Lambda cliff.
         resolutions: Louvain resolutions reported.
-        n_null: null graphs (edge weights permuted within each layer pair) for the null
-            z-score of ``Q`` at each resolution (0: skipped).
+        n_null: null graphs for the null z-score of ``Q`` at each resolution (0: skipped).
+        null_mode: ``edges`` (the spec's null: weights permuted among the existing edges of
+            each layer pair, topology kept) or ``pairs`` (weights placed on random node
+            pairs of the layer pair); see :func:`jaxinterp.graph.community.null_modularity`.
         target_n: also report the best partition with exactly this many non-singleton
             communities (resolution searched, channel-graph spec section 6); ``None``: off.
         bisect: run the edge bisection.
@@ -96,6 +98,7 @@ class LIBConfig:
     max_gap_index: int = 40
     resolutions: tuple[float, ...] = (1.0, 0.5)
     n_null: int = 20
+    null_mode: str = "edges"
     target_n: int | None = None
     bisect: bool = True
     chunk_size: int = 256
@@ -113,6 +116,7 @@ class LIBConfig:
         check_positive(fn, "max_gap_index", self.max_gap_index, integer=True)
         check_positive(fn, "chunk_size", self.chunk_size, integer=True)
         check_nonnegative(fn, "n_null", self.n_null)
+        check_in(fn, "null_mode", self.null_mode, graph.community.NULL_MODES)
         for name in ("n_basis", "n_eval", "target_n"):
             if getattr(self, name) is not None:
                 check_positive(fn, name, getattr(self, name), integer=True)
@@ -342,7 +346,9 @@ def run_lib(
         for gamma in cfg.resolutions:
             c = graph.detect_communities(ug, resolution=gamma)
             m["modularity_q"][key][f"gamma={gamma:g}"] = c.modularity
-            m["communities"][key][f"gamma={gamma:g}"] = _community_report(c, ug, cfg.n_null)
+            m["communities"][key][f"gamma={gamma:g}"] = _community_report(
+                c, ug, cfg.n_null, cfg.null_mode
+            )
         if cfg.target_n is not None:
             c = graph.community.target_n_communities(ug, cfg.target_n, seeds=(0, 1, 2))
             m["communities"][key][f"n={cfg.target_n}"] = (
@@ -453,7 +459,9 @@ def _write(
     return [str(p) for p in out]
 
 
-def _community_report(c: graph.Communities, ug: Any, n_null: int) -> dict[str, Any]:
+def _community_report(
+    c: graph.Communities, ug: Any, n_null: int, null_mode: str = "edges"
+) -> dict[str, Any]:
     rep: dict[str, Any] = {
         "modularity_q": c.modularity,
         "n_nonsingleton": c.n_nonsingleton,
@@ -464,7 +472,9 @@ def _community_report(c: graph.Communities, ug: Any, n_null: int) -> dict[str, A
         "members": [sorted(x) for x in c.communities if len(x) > 1],
     }
     if n_null and ug.size(weight="weight") > 0:
-        null = graph.community.null_modularity(ug, resolution=c.resolution, n_graphs=n_null)
+        null = graph.community.null_modularity(
+            ug, resolution=c.resolution, n_graphs=n_null, mode=null_mode
+        )
         rep.update(
             null_mean=null["mean"],
             null_std=null["std"],
