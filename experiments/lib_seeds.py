@@ -89,9 +89,10 @@ def rows(ms: list[dict]) -> list[tuple[str, list, str]]:
                     [f"{a}/{b}" for a, b in zip(pred, knee, strict=True)],
                     _v(all(b is not None and abs(a - b) <= 2
                            for a, b in zip(pred, knee, strict=True)))))
-        for layer in LAYERS:
-            lib = [f["lib"][layer]["mean_purity_relevant"] for f in ff]
-            pca = [f["pca"][layer]["mean_purity_relevant"] for f in ff]
+        for layer in LAYERS:  # both over LIB's relevant count at the layer
+            ns = [m["n_relevant_directions"]["lib"][layer]["n_rel"] for m in ms]
+            lib, pca = ([float(np.mean(f[b][layer]["purity"][:n]))
+                         for f, n in zip(ff, ns, strict=True)] for b in ("lib", "pca"))
             out.append((f"Fourier purity {layer} LIB/PCA [mean LIB >= PCA - 0.02]",
                         [f"{a:.2f}/{b:.2f}" for a, b in zip(lib, pca, strict=True)],
                         _v(np.mean(lib) >= np.mean(pca) - 0.02)

@@ -361,8 +361,11 @@ def run_lib(
         ff: dict[str, Any] = {"key_frequencies_embedding": list(key_frequencies(model))}
         m["fourier_frequencies"] = ff
         m["same_frequency_edge_fraction"] = {}
+        # every basis is labelled over the main basis' relevant count, so purities compare
+        # like with like (a baseline's own spectrum may have its largest gap after 2)
+        main = m["n_relevant_directions"][cfg.bases[0]]
+        n_rel = {n: v["n_rel"] for n, v in main.items()}
         for key, ib in bases.items():
-            n_rel = {n: v["n_rel"] for n, v in m["n_relevant_directions"][key].items()}
             fl = _fourier(model, s, ib, n_rel)
             ff[key] = fl
             a, b = fl[names[0]], fl[names[1]]
