@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checks import check_positive, fail
+from .._checks import check_in, check_positive, fail
 from .._types import Array, Key
 from ..lib.edges import EDGE_KINDS, layer_edges
 from ..lib.quadrature import quadrature
@@ -88,7 +88,7 @@ def direction_edges(
             of each node (``cs.graph_rank``) are used.
         xs: inputs with a leading ``batch`` axis.
         kind: ``squared``, ``stochastic`` or ``functional`` (LIB spec section 5).
-        rule, n_intervals: LIB quadrature (``gradient``, ``trapezoid``, ``gauss``...).
+        rule, n_intervals: LIB quadrature (``gradient``, ``trapezoidal``, ``gauss_legendre``).
         n_sources: random-sign draws per example (``stochastic``).
         chunk_size: examples per chunk.
         key: PRNG key (``stochastic`` only), keyword-last.
@@ -106,8 +106,7 @@ def direction_edges(
     n_nodes = model.n_blocks + 2
     if len(cs.nodes) != n_nodes:
         raise fail(fn, "cs", f"channels of {n_nodes} nodes (this model)", len(cs.nodes))
-    if kind not in EDGE_KINDS:
-        raise fail(fn, "kind", "one of " + ", ".join(map(repr, EDGE_KINDS)), repr(kind))
+    check_in(fn, "kind", kind, EDGE_KINDS)
     check_positive(fn, "chunk_size", chunk_size, integer=True)
     quad = quadrature(rule, n_intervals)
     out: dict[tuple[int, int], np.ndarray] = {}

@@ -1,9 +1,9 @@
 """Connected modules and modularity of a channel graph (spec section 6): Louvain
 communities at several resolutions (best ``Q`` over seeds, via the shared
 :func:`~jaxinterp.graph.detect_communities`), the null z-score over graphs whose edge
-weights are permuted within each block pair (the shared
-:func:`~jaxinterp.graph.community.null_modularity`), and the adjusted Rand index against planted
-module labels.
+weights are placed on random node pairs of each block pair (the shared
+:func:`~jaxinterp.graph.community.null_modularity`, ``mode="pairs"``), and the adjusted
+Rand index against planted module labels.
 
 References:
     Newman (2006), "Modularity and community structure in networks" (PNAS 103:8577);
@@ -88,10 +88,8 @@ def channel_modules(
         c = G.detect_communities(g, resolution=gamma, seeds=seeds)
         rep = _report(c)
         if n_null:
-            null = G.community.null_modularity(g, resolution=gamma, n_graphs=n_null,
-                                               mode="pairs")
-            rep["null_mean"], rep["null_std"] = null["mean"], null["std"]
-            rep["null_z"] = G.community.null_z(c.modularity, null)
+            rep.update(G.community.null_report(g, c.modularity, resolution=gamma,
+                                               n_graphs=n_null, mode="pairs"))
         if labels is not None:
             rep["ari"] = partition_ari(c.communities, labels)
             rep["planted_q"] = planted_modularity(g, labels, resolution=gamma)

@@ -14,10 +14,10 @@ keeping the partition with the highest ``Q``, where
     Q = (1/2m) sum_uv [A_uv - gamma k_u k_v / 2m] delta(c_u, c_v)
       = sum_c [L_c / m - gamma (d_c / 2m)^2].
 
-Also: the null z-score of ``Q`` (Louvain on graphs whose edge weights are permuted
-among the node pairs of each layer pair; Guimera et al. 2004 show that the maximised ``Q``
-of a structureless graph is well above 0, so ``Q`` alone says little), and the target-n
-mode that searches the resolution for exactly ``n`` non-singleton communities.
+Also: the null z-score of ``Q`` (Louvain on graphs whose edge weights are redistributed
+within each layer pair, see :func:`null_modularity`; Guimera et al. 2004 show that the
+maximised ``Q`` of a structureless graph is well above 0, so ``Q`` alone says little), and
+the target-n mode that searches the resolution for exactly ``n`` non-singleton communities.
 
 Everything here runs on the host (never jitted).
 
@@ -45,6 +45,8 @@ __all__ = [
     "detect_communities",
     "modularity",
     "null_modularity",
+    "null_report",
+    "null_z",
     "target_n_communities",
     "undirected",
 ]
@@ -278,6 +280,14 @@ def null_modularity(
 def null_z(q: float, null: dict[str, Any]) -> float | None:
     """``(Q - mean Q_null) / std Q_null`` (``None`` when the null has no spread)."""
     return (q - null["mean"]) / null["std"] if null["std"] > 0 else None
+
+
+def null_report(
+    g: nx.Graph, q: float, *, resolution: float, n_graphs: int, mode: str = "edges"
+) -> dict[str, Any]:
+    """``{"null_mean", "null_std", "null_z"}`` of ``Q = q`` against :func:`null_modularity`."""
+    null = null_modularity(g, resolution=resolution, n_graphs=n_graphs, mode=mode)
+    return {"null_mean": null["mean"], "null_std": null["std"], "null_z": null_z(q, null)}
 
 
 def target_n_communities(

@@ -475,13 +475,10 @@ def _community_report(
         "members": [sorted(x) for x in c.communities if len(x) > 1],
     }
     if n_null and ug.size(weight="weight") > 0:
-        null = graph.community.null_modularity(
-            ug, resolution=c.resolution, n_graphs=n_null, mode=null_mode
-        )
         rep.update(
-            null_mean=null["mean"],
-            null_std=null["std"],
-            null_z=graph.community.null_z(c.modularity, null),
+            graph.community.null_report(
+                ug, c.modularity, resolution=c.resolution, n_graphs=n_null, mode=null_mode
+            )
         )
     return rep
 
