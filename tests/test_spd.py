@@ -207,6 +207,15 @@ def test_cli_run_spd(tmp_path, capsys):
         assert "identity_ci_error" in capsys.readouterr().out
         assert cli_main(["run", "spd", "tms-5-2", "--steps", "5", "--target", str(tdir),
                          "--no-progress", "--topk", "1"]) == 2
+        # the run reloads: components with the seeds axis, the config, the target
+        from jaxinterp.decomposition import load_spd_run
+
+        comps, cfg, seeds, model, sites = load_spd_run(out, target_dir=tdir)
+        assert seeds == [0] and cfg.c_imp == 0.01 and cfg.paths == (".W_enc",)
+        assert comps.V[".W_enc"].shape == (1, 5, 20) and sites.names == (".W_enc", ".W_enc:T")
+        assert np.all(np.isfinite(np.asarray(comps.U[".W_enc"])))
+        with pytest.raises(ValueError, match="run_dir"):
+            load_spd_run(tdir)
 
 
 def test_resid_evaluation_reports_neuron_contributions(tmp_path):

@@ -27,7 +27,7 @@ from ..target import from_equinox
 from ..train import fit, make_optimizer
 from . import apd, spd
 from .apd_run import TMS_ID_PATHS, TMS_PATHS, resid_paths
-from .runs import batch_inputs, cli_runner, preset_config
+from .runs import batch_inputs, cli_runner, load_or_train_target, preset_config
 from .spd_metrics import (
     dense_ci_error,
     identity_ci_error,
@@ -272,6 +272,48 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
         io.write_json(run_dir / "metrics.json", metrics)
         res.plots = [str(p) for p in plot_spd(res, sites, run_dir) if p is not None]
     return res
+
+
+def load_spd_run(run_dir: str | Path, *, target_dir: str | Path | None = None
+                 ) -> tuple[spd.SPDComponents, SPDConfig, list[int], Any, apd.Sites]:
+    """The trained subcomponents of a ``jaxinterp run spd`` run directory.
+
+    Args:
+        run_dir: the run's ``--out`` directory (``components.eqx`` and its header).
+        target_dir: the target's run directory (None: the cached ``runs/targets/NAME-seed0``
+            that ``run spd`` uses without ``--target``).
+
+    Returns:
+        ``(components with a leading seeds axis, config, seeds, target model, sites)``.
+
+    Raises:
+        ValueError: if the directory holds no finished SPD run or the target differs.
+    """
+    file = Path(run_dir) / "components.eqx"
+    if not file.is_file():
+        raise fail("load_spd_run", "run_dir", "a finished SPD run (components.eqx)",
+                   str(run_dir))
+    header = io.read_header(file)
+    if header.get("method") != "spd":
+        raise fail("load_spd_run", "run_dir", "an SPD run", header.get("method"))
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in header["config"].items()}
+    cfg = SPDConfig(**raw)
+    seeds = [int(s) for s in header["seeds"]]
+    model, target_cfg, target = load_or_train_target(header["target"], target_dir,
+                                                     progress=False)
+    t = from_equinox(model)
+    dcfg = dataclasses.replace(target_cfg, batch_size=1)
+    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
+    sites = apd.make_sites(t.apply, t.params, x0, cfg.paths)
+
+    def init(k):
+        return spd.init_spd(t.params, sites, cfg.C, cfg.ci_hidden, init=cfg.init,
+                            ci_fn=cfg.ci_fn, key=k)
+
+    like = eqx.filter_eval_shape(
+        jax.vmap(init), jnp.stack([seed_key(s) for s in seeds]))
+    comps, _ = io.load_tree(file, like)
+    return comps, cfg, seeds, model, sites
 
 
 def _patterns(sites: apd.Sites, params: Any) -> dict[str, tuple[str, int]]:

@@ -1,0 +1,72 @@
+"""The channel-graph spec's section-7 bridge on trained SPD runs: how much of each
+subcomponent ``v_c u_c`` lies in (input span) (x) (output-gradient span) of its layer
+(:mod:`jaxinterp.channel.bridges`), per seed and site. Prints a table and writes
+``bridge.json`` into each run directory.
+
+Usage::
+
+    python experiments/channel_bridges.py RUN_DIR [RUN_DIR ...] [--target DIR]
+        [--n-data 10000] [--eta 0.99]
+
+e.g. after ``jaxinterp run spd tms-5-2 --seeds 8-11 --target runs/targets/tms-5-2-seed0
+--out runs/spd/tms-5-2-s8-11``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxinterp import io
+from jaxinterp.channel.bridges import bridge_report
+from jaxinterp.decomposition import load_spd_run
+from jaxinterp.decomposition.runs import batch_inputs, load_or_train_target
+from jaxinterp.target import from_equinox
+
+
+def bridge_run(run_dir: str, target_dir: str | None, n_data: int, eta: float) -> list[dict]:
+    comps, cfg, seeds, model, sites = load_spd_run(run_dir, target_dir=target_dir)
+    _, tcfg, target = load_or_train_target(io.read_header(Path(run_dir) / "components.eqx")
+                                           ["target"], target_dir, progress=False)
+    t = from_equinox(model)
+    dcfg = dataclasses.replace(tcfg, batch_size=n_data)
+    xs = batch_inputs(target.sample(dcfg, None, jax.random.key(12345), jnp.asarray(0)))
+    rows = []
+    for i, s in enumerate(seeds):
+        ci = jax.tree_util.tree_map(lambda v, i=i: v[i], comps)
+        factors = {site: ci.site_factors(site) for site in sites.names}
+        rep = bridge_report(t.apply, t.params, xs, factors, eta=eta)
+        rows.append({"seed": s, "sites": rep})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--target", default=None, help="target run directory")
+    p.add_argument("--n-data", type=int, default=10_000)
+    p.add_argument("--eta", type=float, default=0.99)
+    args = p.parse_args()
+    print(f"{'run':<28}{'seed':>5}  {'site':<10}{'r_in kfac/read':>15}{'r_out':>6}"
+          f"{'kfac total':>11}{'kfac min':>9}{'read total':>11}{'read min':>9}"
+          f"{'W in read':>10}{'live':>5}")
+    for run in args.runs:
+        rows = bridge_run(run, args.target, args.n_data, args.eta)
+        for r in rows:
+            for site, rep in r["sites"].items():
+                k, rd = rep["kfac"], rep["read"]
+                print(f"{Path(run).name:<28}{r['seed']:>5}  {site:<10}"
+                      f"{k['rank_in']:>7}/{rd['rank_in']:<7}{rep['rank_out']:>6}"
+                      f"{k['total']:>11.3f}{k['live_min']:>9.3f}{rd['total']:>11.3f}"
+                      f"{rd['live_min']:>9.3f}{rd['weight']:>10.3f}{k['n_live']:>5}")
+        io.write_json(Path(run) / "bridge.json",
+                      {"n_data": args.n_data, "eta": args.eta, "per_seed": rows})
+
+
+if __name__ == "__main__":
+    main()
