@@ -14,6 +14,7 @@ References:
 
 from . import adapters as adapters
 from . import assemble as assemble
+from . import bridges as bridges
 from . import compression as compression
 from . import direction as direction
 from . import edges as edges
