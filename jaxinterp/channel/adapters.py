@@ -7,11 +7,13 @@
 | ``tms-*`` | sequential | encoder ``x -> h``, decoder ``h -> x_hat`` |
 | ``resid-mlp-*`` | residual | each layer's MLP (``embed = W_E``, ``unembed = W_E^T``) |
 | ``induction`` | residual | each attention head ``L{layer}H{head}`` (``unembed``: last position) |
+| ``modadd`` | residual | heads ``L0H{h}`` (depth 0) and the MLP ``.blocks[0].mlp`` (depth 1) |
 
-Attention heads are linearised ``full`` (the Jacobian includes the QK path) or with a
-``frozen_pattern``: the pattern is computed from ``stop_gradient`` of the stream, so the
-head's value is unchanged and every JVP/VJP holds the pattern at its value at the point
-of linearisation (the head is linear in the stream through OV). ``qk`` is the
+Residual MLPs are cut in coordinates of the span of their writes by default (exact; see
+:func:`resid_mlp_model`). Attention heads are linearised ``full`` (the Jacobian includes
+the QK path) or with a ``frozen_pattern``: the pattern is computed from ``stop_gradient``
+of the stream, so the head's value is unchanged and every JVP/VJP holds the pattern at
+its value at the point of linearisation (the head is linear in the stream through OV). ``qk`` is the
 complement (values from ``stop_gradient``: derivatives move the pattern only), so edges
 measure what a writer does through the head's QK read; ``full = frozen_pattern + qk``
 for every JVP. Values (and so compression, ablation and usage) are the same in all three.
@@ -31,12 +33,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._checks import check_in, fail
 from .._types import Array
 from .model import ChannelModel
 
-__all__ = ["ATTENTION", "Part", "attention_model", "channel_model_for", "head_name"]
+__all__ = ["ATTENTION", "STREAMS", "Part", "attention_model", "channel_model_for", "head_name",
+           "modadd_model", "resid_mlp_model", "resid_stream_basis"]
 
 ATTENTION = ("full", "frozen_pattern", "qk")
 
@@ -138,6 +142,20 @@ def tms_model(model: Any) -> ChannelModel:
 
 
 # --- residual MLPs --------------------------------------------------------------------
+STREAMS = ("span", "full")
+
+
+def resid_stream_basis(model: Any) -> np.ndarray:
+    """``Q: (d_resid, k)``, float64 orthonormal columns spanning every write to the
+    stream of a residual MLP: the rows of ``W_E`` and of each layer's ``mlp_out``
+    (singular values above ``1e-10`` of the largest), so ``r = (r Q) Q^T`` for every
+    stream state."""
+    ws = [np.asarray(model.W_E, np.float64)]
+    ws += [np.asarray(lay.mlp_out, np.float64) for lay in model.layers]
+    u, s, _ = np.linalg.svd(np.concatenate(ws, axis=0).T, full_matrices=False)
+    return u[:, s > 1e-10 * s.max(initial=0.0)]
+
+
 def _resid_embed(w: Any, x: Array) -> Array:
     return _row(x @ w)
 
@@ -150,12 +168,41 @@ def _resid_mlp(p: Any, r: Array) -> Array:
     return jax.nn.relu(r @ p[0]) @ p[1]
 
 
-def resid_mlp_model(model: Any) -> ChannelModel:
+def resid_mlp_model(model: Any, stream: str = "span") -> ChannelModel:
+    """Each layer's MLP as a block of a :class:`~jaxinterp.models.resid_mlp.ResidMLP`
+    (every layer at its own depth, so layer ``l`` reads ``embed`` and the MLPs before it).
+
+    Args:
+        model: the residual MLP.
+        stream: coordinates of the stream. ``full``: the ``d_resid`` coordinates.
+            ``span`` (default): ``r Q`` with ``Q`` = :func:`resid_stream_basis` (``k = F +
+            n_neurons`` columns, 150 instead of 1000 for the zoo targets). The stream never
+            leaves ``span Q``, so the cut computes the same function (``W_E -> W_E Q``,
+            ``mlp_in -> Q^T mlp_in``, ``mlp_out -> mlp_out Q``) and every spectrum, E3/E4
+            edge, activity and compression ``Delta D`` is that of the ``full`` cut; channel
+            vectors map back by ``Q``. What changes: E1's random-subspace null (``max(r_a,
+            r_b) / k``) and the stream rotation null (rotations within ``span Q``), and
+            the cost (the float64 ``(d, d)`` statistics shrink by ``(1000 / 150)^2``).
+
+    Raises:
+        ValueError: for an unknown ``stream``.
+    """
+    check_in("resid_mlp_model", "stream", stream, STREAMS)
     n = len(model.layers)
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else model.W_E.dtype
+    if stream == "full":
+        w_e = model.W_E
+        mlps = [(lay.mlp_in, lay.mlp_out) for lay in model.layers]
+    else:
+        q = resid_stream_basis(model)
+        w_e = jnp.asarray(np.asarray(model.W_E, np.float64) @ q, dtype)
+        mlps = [(jnp.asarray(q.T @ np.asarray(lay.mlp_in, np.float64), dtype),
+                 jnp.asarray(np.asarray(lay.mlp_out, np.float64) @ q, dtype))
+                for lay in model.layers]
     return ChannelModel(
-        embed=Part(model.W_E, _resid_embed),
-        blocks=tuple(Part((lay.mlp_in, lay.mlp_out), _resid_mlp) for lay in model.layers),
-        unembed=Part(model.W_E, _resid_unembed),
+        embed=Part(w_e, _resid_embed),
+        blocks=tuple(Part(p, _resid_mlp) for p in mlps),
+        unembed=Part(w_e, _resid_unembed),
         names=tuple(f".layers[{i}]" for i in range(n)), depths=tuple(range(n)),
         mode="residual", output="regression")
 
@@ -215,8 +262,82 @@ def attention_model(model: Any, attention: str = "full") -> ChannelModel:
                         depths=tuple(depths), mode="residual", output="softmax")
 
 
+# --- one-layer transformer with biases (modadd) -------------------------------------
+def _modadd_head(p: Any, r: Array, frozen_pattern: bool, frozen_values: bool) -> Array:
+    w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o = p
+    rp = jax.lax.stop_gradient(r) if frozen_pattern else r
+    rv = jax.lax.stop_gradient(r) if frozen_values else r
+    q, k = rp @ w_q + b_q[None, :], rp @ w_k + b_k[None, :]
+    v = rv @ w_v + b_v[None, :]
+    n = r.shape[0]
+    scores = (q @ k.T) / jnp.sqrt(jnp.asarray(w_q.shape[-1], r.dtype))
+    pattern = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((n, n), bool)), scores, -jnp.inf),
+                             axis=-1)
+    return (pattern @ v) @ w_o + b_o[None, :]
+
+
+def _modadd_head_full(p: Any, r: Array) -> Array:
+    return _modadd_head(p, r, False, False)
+
+
+def _modadd_head_frozen(p: Any, r: Array) -> Array:
+    return _modadd_head(p, r, True, False)
+
+
+def _modadd_head_qk(p: Any, r: Array) -> Array:
+    return _modadd_head(p, r, False, True)
+
+
+def _modadd_embed(p: Any, tokens: Array) -> Array:
+    return p[0][tokens] + p[1][: tokens.shape[0]]
+
+
+def _modadd_mlp(p: Any, r: Array) -> Array:
+    return jax.nn.relu(r @ p[0] + p[1][None, :]) @ p[2] + p[3][None, :]
+
+
+def _modadd_unembed(p: Any, r: Array) -> Array:
+    return r[-1:] @ p[0] + p[1][None, :]
+
+
+def modadd_model(model: Any, attention: str = "full") -> ChannelModel:
+    """A one-layer :class:`~jaxinterp.models.modadd.ModAddTransformer` cut into its heads
+    ``L0H{h}`` (depth 0: ``W_Q[h], W_K[h], W_V[h], W_O[h]``, the head's ``b_Q, b_K, b_V``
+    and ``b_O / n_heads``) and its MLP ``.blocks[0].mlp`` (depth 1: ``W_in, b_in, W_out,
+    b_out``). ``embed`` writes ``W_E[tokens] + W_pos``; ``unembed`` reads the last
+    position (``(1, vocab)`` logits with ``b_U``, ``softmax``). The induction cut's
+    heads (:func:`attention_model`) have no biases and add positions to Q and K only, so
+    the heads here are their own functions with the same ``attention`` options.
+
+    Raises:
+        ValueError: for a model that is not a one-layer ``ModAddTransformer``, or an
+            unknown ``attention``.
+    """
+    from ..models.modadd import ModAddTransformer
+
+    check_in("modadd_model", "attention", attention, ATTENTION)
+    if not isinstance(model, ModAddTransformer) or len(model.blocks) != 1:
+        got = (f"{len(model.blocks)} blocks" if isinstance(model, ModAddTransformer)
+               else type(model).__name__)
+        raise fail("modadd_model", "model", "a one-layer ModAddTransformer (the modadd "
+                   "channel cut)", got)
+    at, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    n_heads = at.W_Q.shape[0]
+    fn = {"full": _modadd_head_full, "frozen_pattern": _modadd_head_frozen,
+          "qk": _modadd_head_qk}[attention]
+    heads = tuple(Part((at.W_Q[h], at.W_K[h], at.W_V[h], at.W_O[h], at.b_Q[h], at.b_K[h],
+                        at.b_V[h], at.b_O / n_heads), fn) for h in range(n_heads))
+    return ChannelModel(
+        embed=Part((model.embed.W_E, model.pos_embed.W_pos), _modadd_embed),
+        blocks=(*heads, Part((mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out), _modadd_mlp)),
+        unembed=Part((model.W_U, model.b_U), _modadd_unembed),
+        names=(*(head_name(0, h) for h in range(n_heads)), ".blocks[0].mlp"),
+        depths=(0,) * n_heads + (1,), mode="residual", output="softmax")
+
+
 # --- dispatch -------------------------------------------------------------------------
-def channel_model_for(name: str, model: Any, *, attention: str = "full") -> ChannelModel:
+def channel_model_for(name: str, model: Any, *, attention: str = "full",
+                      stream: str | None = None) -> ChannelModel:
     """The :class:`ChannelModel` of a zoo target (call inside an x64 context for a
     float64 model).
 
@@ -225,11 +346,19 @@ def channel_model_for(name: str, model: Any, *, attention: str = "full") -> Chan
         model: its model.
         attention: ``full``, ``frozen_pattern`` (OV only) or ``qk`` (pattern only)
             linearisation of attention heads.
+        stream: ``span`` or ``full`` stream coordinates of ``resid-mlp-*`` (see
+            :func:`resid_mlp_model`; ``None``: ``span``); other targets take ``None``.
 
     Raises:
-        ValueError: for a target without a channel cut, or an unknown ``attention``.
+        ValueError: for a target without a channel cut, an unknown ``attention``, or a
+            ``stream`` for a target other than ``resid-mlp-*``.
     """
     check_in("channel_model_for", "attention", attention, ATTENTION)
+    if stream is not None:
+        check_in("channel_model_for", "stream", stream, STREAMS)
+        if not name.startswith("resid-mlp-"):
+            raise fail("channel_model_for", "stream", "None for a target other than "
+                       "resid-mlp-*", repr(stream))
     if name == "planted-channels":
         return planted_model(model)
     if name == "block-mlp":
@@ -237,11 +366,13 @@ def channel_model_for(name: str, model: Any, *, attention: str = "full") -> Chan
     if name.startswith("tms-") and not name.endswith("-id"):
         return tms_model(model)
     if name.startswith("resid-mlp-"):
-        return resid_mlp_model(model)
+        return resid_mlp_model(model, stream or "span")
     if name == "induction":
         return attention_model(model, attention)
+    if name == "modadd":
+        return modadd_model(model, attention)
     raise fail("channel_model_for", "name", "a target with a channel cut (planted-channels, "
-               "block-mlp, tms-5-2, tms-40-10, resid-mlp-*, induction)", repr(name))
+               "block-mlp, tms-5-2, tms-40-10, resid-mlp-*, induction, modadd)", repr(name))
 
 
 def as_float(xs: Any) -> Any:

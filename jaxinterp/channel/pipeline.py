@@ -19,7 +19,7 @@ import numpy as np
 from .._checks import check_in, check_nonnegative, check_positive, fail
 from .._types import Key
 from ..lib.quadrature import RULES
-from .adapters import ATTENTION
+from .adapters import ATTENTION, STREAMS
 from .assemble import PRUNE, ChannelGraph, assemble, block_components, to_networkx
 from .compression import compression_curves
 from .direction import direction_edges
@@ -55,6 +55,9 @@ class ChannelGraphConfig:
             channels.
         attention: ``full``, ``frozen_pattern`` or ``qk`` (attention targets; see
             :mod:`.adapters`).
+        stream: ``resid-mlp-*`` stream coordinates, ``span`` (exact, the default) or
+            ``full`` (see :func:`~.adapters.resid_mlp_model`); ``None`` for other
+            targets.
         n_data: use only the first ``n_data`` examples.
         n_ref: references of ``D = ref``.
         n_null, null_space: rotation-null draws and their space.
@@ -78,6 +81,7 @@ class ChannelGraphConfig:
     eta: float = 0.99
     node_rank: str = "numerical"
     attention: str = "full"
+    stream: str | None = None
     n_data: int | None = None
     n_ref: int = 4
     n_null: int = 20
@@ -101,6 +105,8 @@ class ChannelGraphConfig:
         check_in(fn, "probes", self.probes, PROBES)
         check_in(fn, "solver", self.solver, SOLVERS)
         check_in(fn, "attention", self.attention, ATTENTION)
+        if self.stream is not None:
+            check_in(fn, "stream", self.stream, STREAMS)
         check_in(fn, "node_rank", self.node_rank, NODE_RANKS)
         check_in(fn, "null_space", self.null_space, NULL_SPACES)
         check_in(fn, "prune", self.prune, PRUNE)

@@ -3,15 +3,20 @@ write channels, edges, modules and circuits, and write a run directory:
 
 * ``config.json``, ``metrics.json`` (keys ``ranks``, ``compression_curve``, ``edges``,
   ``components``, ``channel_components``, ``modularity_q``, ``communities``,
-  ``circuits``, ``data_clusters``, ``non_additivity``, ``planted_recovery`` where ground
-  truth exists, ``seconds``), ``graph.json`` (the pruned channel graph),
-  ``channels.npz`` (per node: ``lambda``, ``rho``, ``mu``, ``omega``, ``readout``);
+  ``circuits``, ``circuit_coverage``, ``data_clusters``, ``non_additivity``,
+  ``planted_recovery`` where ground truth exists, ``target_checks`` for ``resid-mlp-*``
+  and ``modadd`` (see :mod:`.targets`), ``seconds``), ``graph.json`` (the pruned channel
+  graph), ``channels.npz`` (per node: ``lambda``, ``rho``, ``mu``, ``omega``,
+  ``readout``; ``stream_basis`` for ``resid-mlp-*`` in ``span`` coordinates);
 * figures ``block_graph.png``, ``compression.png``, ``usage.png``, ``spectra.png``.
 
 Targets: ``planted-channels`` and ``block-mlp`` (hand-built; their config fields, e.g.
 ``--gated true --kappa 0.3 --activation tanh``, are accepted as overrides) and
-``tms-5-2`` and ``induction`` (trained, cached under ``runs/targets``; ``--attention
-frozen_pattern`` linearises heads with their patterns held). Hand-built toys use product
+``tms-5-2``, ``induction``, ``resid-mlp-1`` and ``resid-mlp-2`` (trained, cached under
+``runs/targets``; ``--attention frozen_pattern`` linearises heads with their patterns
+held; ``--stream full`` analyses a residual MLP in its 1000 stream coordinates) and
+``modadd`` (the shipped fixture ``jaxinterp/fixtures/modadd-seed0`` for seed 0, or
+``--target DIR``; analysed on its training split). Hand-built toys use product
 design data and ``prune = roundoff`` (see ``experiments/channel_graph.md`` for why the
 rotation null is not used there). For ``induction``, ``planted_recovery`` holds the
 checks of :func:`~.induction.induction_recovery` (head roles, edges into the induction
@@ -24,6 +29,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,11 +44,12 @@ from ..methods import Method, register_method
 from ..models import base
 from ..rng import Stream, seed_key, stream_key
 from . import figures
-from .adapters import channel_model_for
+from .adapters import channel_model_for, resid_stream_basis
 from .assemble import save_json
 from .pipeline import ChannelAnalysis, ChannelGraphConfig, channel_graph
 from .recovery import channel_labels, planted_recovery
 from .subspaces import rank_report
+from .targets import circuit_coverage, modadd_checks, resid_mlp_checks
 
 __all__ = ["PRESETS", "ChannelRun", "channel_graph_config", "run_channel_graph", "target_data"]
 
@@ -55,7 +62,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a smaller null keep a run to minutes on a CPU
     "induction": {"n_data": 1000, "probes": "random", "n_probes": 32, "n_null": 8,
                   "chunk_size": 64},
+    # d_resid = 1000: stream coordinates on the 150-d span of the writes (exact) and exact
+    # probes; fewer samples and null draws than the spec's 1e5 / 20 so that a run takes
+    # minutes on 2 shared CPU cores (experiments/channel_graph.md, T4-T6)
+    "resid-mlp-1": {"n_data": 5000, "n_null": 4, "chunk_size": 64},
+    "resid-mlp-2": {"n_data": 5000, "n_null": 4, "chunk_size": 64},
+    # the first 1 000 pairs of the training split, exact softmax probes over the 114 logits
+    "modadd": {"n_data": 1000, "n_null": 4, "chunk_size": 32},
 }
+FIXTURES = {"modadd": Path(__file__).resolve().parents[1] / "fixtures" / "modadd-seed0"}
 
 
 def channel_graph_config(target: str, **overrides: Any) -> ChannelGraphConfig:
@@ -74,8 +89,14 @@ class ChannelRun(NamedTuple):
 
 def target_data(name: str, model: Any, tcfg: Any, seed: int, n: int | None = None) -> Any:
     """The analysis inputs of a target: product designs for the hand-built toys (cross-
-    module covariances vanish exactly), fresh samples otherwise."""
+    module covariances vanish exactly), the training split of the target's own seed for
+    ``modadd`` (``[a, b, =]`` tokens), fresh samples otherwise."""
     target = base.get_target(name)
+    if name == "modadd":
+        from ..models.modadd import tokens_of
+
+        data = base.make_seed_data(target, tcfg, int(getattr(tcfg, "seed", seed)))
+        return tokens_of(jnp.asarray(data["train_pairs"][:n]), model.p)
     if name in HAND_BUILT:
         x = np.asarray(base.make_seed_data(target, tcfg, seed)["x"])
         if name == "block-mlp":  # every pairing of sqrt(N) block-0 with block-1 draws
@@ -125,7 +146,7 @@ def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraph
         :class:`ChannelRun`.
     """
     with jax.enable_x64(True):
-        cm = channel_model_for(target_name, model, attention=cfg.attention)
+        cm = channel_model_for(target_name, model, attention=cfg.attention, stream=cfg.stream)
     if xs is None:
         xs = target_data(target_name, model, tcfg, seed, cfg.n_data)
     bar = tqdm(total=5, desc="channel-graph", disable=not progress)
@@ -141,6 +162,7 @@ def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraph
                                                    transform=cfg.transform))
     bar.close()
     names = cm.node_names
+    t0 = time.perf_counter()
     used_xs = jax.tree_util.tree_map(lambda a: a[: cfg.n_data], xs) if cfg.n_data else xs
     metrics = {
         "target": target_name, "seed": seed, "mode": cm.mode,
@@ -157,6 +179,7 @@ def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraph
                      for c, chk in zip(res.circuits, res.circuit_checks, strict=True)],
         "data_clusters": None if res.clusters is None else {
             "k": res.clusters["k"], "silhouette": res.clusters["silhouette"]},
+        "circuit_coverage": circuit_coverage(res, names),
         "seconds": res.seconds,
     }
     if res.direction is not None:
@@ -166,15 +189,22 @@ def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraph
         }
     with jax.enable_x64(True):
         metrics["planted_recovery"] = planted_recovery(target_name, model, res, used_xs, names)
+        metrics["target_checks"] = None
+        if target_name.startswith("resid-mlp-"):
+            metrics["target_checks"] = resid_mlp_checks(model, res, used_xs, names)
+        elif target_name == "modadd":
+            metrics["target_checks"] = modadd_checks(model, cm, res, names,
+                                                     transform=cfg.transform)
+    metrics["seconds"] = {**res.seconds, "checks": time.perf_counter() - t0}
     plots: list[str] = []
     run_dir = None if out is None else Path(out)
     if run_dir is not None:
-        plots = _write(run_dir, cfg, tcfg, metrics, res, target_name)
+        plots = _write(run_dir, cfg, tcfg, metrics, res, target_name, model)
     return ChannelRun(metrics, res, plots, run_dir)
 
 
 def _write(run_dir: Path, cfg: ChannelGraphConfig, tcfg: Any, metrics: dict[str, Any],
-           res: ChannelAnalysis, target: str) -> list[str]:
+           res: ChannelAnalysis, target: str, model: Any) -> list[str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     io.write_json(run_dir / "config.json", {"method": "channel-graph", "target": target,
                                             "config": dataclasses.asdict(cfg),
@@ -189,6 +219,9 @@ def _write(run_dir: Path, cfg: ChannelGraphConfig, tcfg: Any, metrics: dict[str,
             v = getattr(c, field)
             if v is not None:
                 arrays[f"{c.name}/{key}"] = np.asarray(v)
+    if target.startswith("resid-mlp-") and cfg.stream != "full":
+        # vectors above are in the coordinates r Q; r = (r Q) Q^T maps them back
+        arrays["stream_basis"] = resid_stream_basis(model)
     np.savez(run_dir / "channels.npz", **arrays)
     if not cfg.plots:
         return []
@@ -220,6 +253,9 @@ def load_target_for(name: str, seed: int, target_dir: str | None, progress: bool
     if target_overrides:
         raise fail("channel-graph", "overrides", "fields of ChannelGraphConfig for a trained "
                    "target", sorted(target_overrides))
+    if target_dir is None and seed == 0 and name in FIXTURES:
+        model, tcfg, _ = base.load_target(FIXTURES[name])
+        return model, tcfg
     if target_dir is None and seed != 0:
         r = base.train_target(name, target.config(seed=seed),
                               out=Path("runs") / "targets" / f"{name}-seed{seed}",
@@ -240,7 +276,7 @@ def _cli_run(target_name: str, *, seeds: list[int], steps: int | None, out: str 
     own = {k: v for k, v in overrides.items() if k in fields}
     rest = {k: v for k, v in overrides.items() if k not in fields}
     cfg = channel_graph_config(target_name, **coerce_overrides(
-        own, ChannelGraphConfig, "channel-graph", ("n_data",), ("direction_rule",)))
+        own, ChannelGraphConfig, "channel-graph", ("n_data",), ("direction_rule", "stream")))
     summary: dict[str, Any] = {}
     for seed in seeds:
         model, tcfg = load_target_for(target_name, seed, target_dir, progress, rest)
@@ -275,6 +311,23 @@ def _cli_run(target_name: str, *, seeds: list[int], steps: int | None, out: str 
                 summary[f"{tag}max principal angle"] = pr["max_angle"]
             if "cross_mass" in pr:
                 summary[f"{tag}cross-module E4 mass"] = pr["cross_mass"]
+        tc = m["target_checks"]
+        if tc is not None and "ranks" in tc:
+            for blk, r in tc["ranks"].items():
+                summary[f"{tag}{blk} read/write eta ranks (bound {tc['rank_bound']})"] = (
+                    f"{r['read_eta']}/{r['write_eta']}")
+            summary[f"{tag}MLP write channels in one circuit (min fraction)"] = (
+                tc["min_fraction"] if tc["one_circuit"] else 0.0)
+            for blk, v in tc.get("cross_layer", {}).items():
+                summary[f"{tag}w(previous MLP -> {blk}) / w(embed -> {blk})"] = (
+                    v["driven_variance"]["ratio"])
+        elif tc is not None:
+            summary[f"{tag}same-frequency edge fraction"] = (
+                tc["same_frequency_edge_fraction"]["raw"])
+            summary[f"{tag}key frequencies"] = tc["key_frequencies"]
+            for g, v in tc["communities"].items():
+                summary[f"{tag}non-singleton communities ({g})"] = v["n_nonsingleton"]
+                summary[f"{tag}community frequency purity ({g})"] = v["mean_purity"]
     return summary
 
 
