@@ -1,12 +1,16 @@
-"""The channel-graph spec's section-7 bridge on trained SPD runs: how much of each
-subcomponent ``v_c u_c`` lies in (input span) (x) (output-gradient span) of its layer
-(:mod:`jaxinterp.channel.bridges`), per seed and site. Prints a table and writes
-``bridge.json`` into each run directory.
+"""The channel-graph spec's section-7 bridges (:mod:`jaxinterp.channel.bridges`).
+
+* L3D / SPD: on trained SPD runs, how much of each subcomponent ``v_c u_c`` lies in
+  (input span) (x) (output-gradient span) of its layer, per seed and site; writes
+  ``bridge.json`` into each run directory.
+* LIB (``--lib DIR``): on a trained ``digits-mlp``, the read channels with the next
+  layer's LIB metric against the LIB basis (``|cos|`` and ``Lambda`` per layer).
 
 Usage::
 
     python experiments/channel_bridges.py RUN_DIR [RUN_DIR ...] [--target DIR]
         [--n-data 10000] [--eta 0.99]
+    python experiments/channel_bridges.py --lib runs/targets/digits-mlp-seed0
 
 e.g. after ``jaxinterp run spd tms-5-2 --seeds 8-11 --target runs/targets/tms-5-2-seed0
 --out runs/spd/tms-5-2-s8-11``.
@@ -22,9 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxinterp import io
-from jaxinterp.channel.bridges import bridge_report
+from jaxinterp.channel.bridges import bridge_report, lib_bridge
 from jaxinterp.decomposition import load_spd_run
 from jaxinterp.decomposition.runs import batch_inputs, load_or_train_target
+from jaxinterp.models import base
 from jaxinterp.target import from_equinox
 
 
@@ -47,11 +52,23 @@ def bridge_run(run_dir: str, target_dir: str | None, n_data: int, eta: float) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="*")
+    p.add_argument("--lib", default=None, help="a trained digits-mlp run directory")
     p.add_argument("--target", default=None, help="target run directory")
     p.add_argument("--n-data", type=int, default=10_000)
     p.add_argument("--eta", type=float, default=0.99)
     args = p.parse_args()
+    if args.lib is not None:
+        model, tcfg, target = base.load_target(args.lib)
+        xs = base.make_seed_data(target, tcfg, int(getattr(tcfg, "seed", 0)))["x_train"]
+        print(f"LIB bridge on {args.lib} ({len(xs)} training images)")
+        print(f"{'node layer':<20}{'LIB dirs':>9}{'channels':>9}{'compared':>9}"
+              f"{'1 - min |cos|':>15}{'max dLambda/Lambda':>20}")
+        for name, r in lib_bridge(model, xs).items():
+            print(f"{name:<20}{r['n_lib']:>9}{r['n_channel']:>9}{r['n_compared']:>9}"
+                  f"{1 - r['min_abs_cos']:>15.1e}{r['max_lambda_rel_diff']:>20.2e}")
+    if not args.runs:
+        return
     print(f"{'run':<28}{'seed':>5}  {'site':<10}{'r_in kfac/read':>15}{'r_out':>6}"
           f"{'kfac total':>11}{'kfac min':>9}{'read total':>11}{'read min':>9}"
           f"{'W in read':>10}{'live':>5}")

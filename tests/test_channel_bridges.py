@@ -93,3 +93,31 @@ def test_bridge_report_on_tms(tms):
     assert r["kfac"]["per_component"][2] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         bridges.bridge_report(t.apply, t.params, xs, {".W_nope": (V, U)})
+
+
+def test_lib_bridge_reproduces_the_lib_basis():
+    """Spec section 7, LIB: with the next layer's LIB metric as S, every non-degenerate
+    read channel of an MLP block is LIB's direction of that node layer (|cos| >= 0.999
+    required; float64 gives round-off) with the same Lambda; a constant input coordinate
+    (outside the data's support) does not disturb it."""
+    from jaxinterp.models.digits import DigitsMLP
+
+    model = DigitsMLP((6, 12, 9, 4), key=jax.random.key(3))
+    xs = jax.random.normal(jax.random.key(4), (300, 6)).at[:, 5].set(0.5)
+    rep = bridges.lib_bridge(model, xs, chunk_size=100)
+    assert list(rep) == [".layers[0].weight", ".layers[1].weight", ".layers[2].weight"]
+    for name, r in rep.items():
+        assert r["n_compared"] >= 3, name
+        assert r["min_abs_cos"] > 1 - 1e-9, name
+        assert r["max_lambda_rel_diff"] < 1e-7, name
+    assert rep[".layers[0].weight"]["n_lib"] == 5  # the constant pixel carries nothing
+    with pytest.raises(ValueError, match="factors"):
+        from jaxinterp.channel.adapters import block_mlp_model
+        from jaxinterp.channel.stats import channel_stats
+
+        channel_stats(block_mlp_model(model), xs, metric="fixed", factors=(None,))
+    with pytest.raises(ValueError, match="factors"):
+        channel_stats(block_mlp_model(model), xs, metric="iso", factors=(None,) * 5)
+    with pytest.raises(ValueError, match=r"factors\[1\]"):
+        channel_stats(block_mlp_model(model), xs, metric="fixed",
+                      factors=(None, np.eye(3), None, None, None))

@@ -111,9 +111,12 @@ def _dense_linear(p: Any, r: Array) -> Array:
     return r @ p[0] + p[1][None, :]
 
 
-def block_mlp_model(model: Any) -> ChannelModel:
+def block_mlp_model(model: Any, output: str = "regression") -> ChannelModel:
+    """Each dense layer of an MLP (``.layers[i].weight, .bias``; ``block-mlp``,
+    ``digits-mlp``) as a sequential block; ReLU after every layer but the last unless
+    ``model.activation`` says ``identity``."""
     n = len(model.layers)
-    act = _dense_relu if model.activation == "relu" else _dense_linear
+    act = _dense_relu if getattr(model, "activation", "relu") == "relu" else _dense_linear
     blocks = tuple(
         Part((lay.weight, lay.bias), act if i < n - 1 else _dense_linear)
         for i, lay in enumerate(model.layers)
@@ -121,7 +124,7 @@ def block_mlp_model(model: Any) -> ChannelModel:
     return ChannelModel(
         embed=Part(None, _embed_row), blocks=blocks, unembed=Part(None, _ident),
         names=tuple(f".layers[{i}]" for i in range(n)), depths=tuple(range(n)),
-        mode="sequential", output="regression")
+        mode="sequential", output=output)
 
 
 def _tms_encode(w: Any, r: Array) -> Array:
@@ -363,6 +366,8 @@ def channel_model_for(name: str, model: Any, *, attention: str = "full",
         return planted_model(model)
     if name == "block-mlp":
         return block_mlp_model(model)
+    if name == "digits-mlp":
+        return block_mlp_model(model, output="softmax")
     if name.startswith("tms-") and not name.endswith("-id"):
         return tms_model(model)
     if name.startswith("resid-mlp-"):
@@ -372,7 +377,8 @@ def channel_model_for(name: str, model: Any, *, attention: str = "full",
     if name == "modadd":
         return modadd_model(model, attention)
     raise fail("channel_model_for", "name", "a target with a channel cut (planted-channels, "
-               "block-mlp, tms-5-2, tms-40-10, resid-mlp-*, induction, modadd)", repr(name))
+               "block-mlp, digits-mlp, tms-5-2, tms-40-10, resid-mlp-*, induction, modadd)",
+               repr(name))
 
 
 def as_float(xs: Any) -> Any:

@@ -35,7 +35,7 @@ from ..decomposition.weights import TRANSPOSED, forward_sites
 from ..lib.stats import chunked_sum, einsum64
 from .subspaces import eta_rank
 
-__all__ = ["bridge_report", "captured_fraction", "layer_kfac", "top_span"]
+__all__ = ["bridge_report", "captured_fraction", "layer_kfac", "lib_bridge", "top_span"]
 
 
 def _flat_gram(a: Array) -> Array:
@@ -194,4 +194,82 @@ def bridge_report(apply: Callable[[PyTree, Any], Any], params: PyTree, xs: Any,
                          "weight": float(np.sum((p_in.T @ w @ p_out) ** 2) / np.sum(w**2)),
                          "per_component": cf["per_component"]}
         out[site] = rep
+    return out
+
+
+def lib_bridge(model: Any, xs: Any, *, output: str = "softmax", gap_rtol: float = 1e-3,
+               floor_rtol: float = 1e-8, chunk_size: int = 256) -> dict[str, Any]:
+    """Spec section 7, "LIB": with ``S`` replaced by the next node layer's LIB metric
+    ``C_{l+1} C_{l+1}^T``, the read channels of a sequential MLP's blocks reproduce the
+    LIB basis.
+
+    The LIB basis (``jacobian``, centred, gradient rule) of every layer input of ``model``
+    (:func:`~jaxinterp.lib.adapters.mlp_sections`) is built backward from the output; the
+    channel statistics use ``metric="fixed"`` with block ``k``'s output metric factor the
+    non-constant rows of LIB's ``C`` of node layer ``k`` (``I`` for the logits, which LIB
+    does not rotate). Read channel ``i`` of block ``k`` is then compared with LIB
+    direction ``i`` (after the constant one) of node layer ``k - 1``: ``|cos|`` of the
+    read covector ``rho_i`` and the width part of ``C[:, i]``, both projected on the
+    support of the read covariance (components along directions the data never vary in
+    read nothing, and the channel code leaves them free), and ``lambda_i`` against
+    ``Lambda_i``.
+
+    Args:
+        model: an MLP with ``.layers[i].weight, .bias`` (e.g. ``digits-mlp``).
+        xs: inputs ``(N, d_in)``.
+        output: the channel model's output kind (``softmax`` for a classifier).
+        gap_rtol: a direction is compared when both neighbouring ``Lambda`` differ from
+            its own by more than ``gap_rtol`` relative (eigenvectors of a degenerate
+            eigenvalue are not unique).
+        floor_rtol: and when ``Lambda_i > floor_rtol * Lambda_1``.
+        chunk_size: examples per chunk of both builds.
+
+    Returns:
+        Per node layer: ``n_lib``, ``n_channel``, ``n_compared``, ``min_abs_cos``,
+        ``max_lambda_rel_diff`` and the per-direction ``abs_cos`` and ``lambda_rel_diff``.
+    """
+    from ..lib.adapters import mlp_sections
+    from ..lib.basis import interaction_basis
+    from .adapters import block_mlp_model
+    from .stats import channel_stats
+    from .subspaces import channels_from_stats, support_sqrt
+
+    check_positive("lib_bridge", "gap_rtol", gap_rtol)
+    sectioned = mlp_sections(model)
+    ib = interaction_basis(sectioned, xs, basis="jacobian", chunk_size=chunk_size)
+    with jax.enable_x64(True):
+        cm = block_mlp_model(model, output)
+    n = cm.n_blocks
+    widths = [np.shape(la.weight)[0] for la in model.layers]
+    widths.append(np.shape(model.layers[-1].weight)[1])
+    factors: list[Any] = [None] * (n + 2)
+    for k in range(1, n + 1):
+        factors[k] = np.asarray(ib.layers[k].C, np.float64)[: widths[k]]
+    stats = channel_stats(cm, xs, metric="fixed", factors=tuple(factors), chunk_size=chunk_size)
+    cs = channels_from_stats(stats, cm.node_names)
+    out: dict[str, Any] = {}
+    for k in range(1, n + 1):
+        lb = ib.layers[k - 1]
+        start = 1 if lb.constant else 0
+        lam = np.asarray(lb.lambdas, np.float64)[start:]
+        c_lib = np.asarray(lb.C, np.float64)[: widths[k - 1], start:]
+        rho = np.asarray(cs.nodes[k].read_covectors, np.float64)
+        mu = np.asarray(cs.nodes[k].read_lambdas, np.float64)
+        m = min(len(lam), len(mu))
+        # compare on the support of the read covariance: a covector's component along a
+        # direction the data never vary in (a constant pixel, a dead unit) reads nothing
+        e, _ = support_sqrt(np.asarray(stats.read_cov[k], np.float64))
+        c_lib, rho = e @ (e.T @ c_lib), e @ (e.T @ rho)
+        cos = np.abs(np.sum(c_lib[:, :m] * rho[:, :m], axis=0)) / (
+            np.linalg.norm(c_lib[:, :m], axis=0) * np.linalg.norm(rho[:, :m], axis=0))
+        rel = np.abs(mu[:m] - lam[:m]) / lam[:m]
+        padded = np.concatenate([[np.inf], lam, [0.0]])
+        gaps = np.minimum(padded[:-2] - padded[1:-1], padded[1:-1] - padded[2:])[:m]
+        ok = (gaps > gap_rtol * lam[:m]) & (lam[:m] > floor_rtol * lam[0])
+        out[lb.name] = {
+            "n_lib": int(len(lam)), "n_channel": int(len(mu)), "n_compared": int(ok.sum()),
+            "min_abs_cos": float(cos[ok].min()) if ok.any() else None,
+            "max_lambda_rel_diff": float(rel[ok].max()) if ok.any() else None,
+            "abs_cos": cos, "lambda_rel_diff": rel, "compared": ok,
+        }
     return out

@@ -7,7 +7,9 @@ Summed over examples and positions, in one chunked pass:
 * write side (nodes ``0..n+1``; node ``n+1`` "writes" ``y``): the mean ``o_bar_b``, the
   covariance ``Sigma^o_b`` and the relevance metric ``K_bar_b = E[Phi_b^T F_y Phi_b]``.
 
-``S_b`` is ``relevance`` (``K_b(x)``) or ``iso`` (``I``). Cotangent probes ``s`` with
+``S_b`` is ``relevance`` (``K_b(x)``), ``iso`` (``I``) or ``fixed`` (a given ``Phi_b
+Phi_b^T`` per node, e.g. the next layer's LIB metric ``C C^T``: spec section 7's LIB
+bridge; :func:`channel_stats` only). Cotangent probes ``s`` with
 ``E[s s^T] = S`` are pulled back by VJPs, vmapped over probes:
 
 * ``relevance``: ``s = Phi_b^T eps`` with ``E[eps eps^T] = F_y``, for every block at once
@@ -15,7 +17,9 @@ Summed over examples and positions, in one chunked pass:
   probes factor ``F_y`` (one-hot outputs for regression; ``sqrt(p_v) (e_v - p)`` per
   position for softmax); ``random`` probes are ``N(0, I)`` (regression) or
   ``e_y - p`` with ``y ~ Cat(p)`` (softmax), ``n_probes`` per example;
-* ``iso``: one-hot cotangents over the block's output (exact), ``K_bar = I``.
+* ``iso``: one-hot cotangents over the block's output (exact), ``K_bar = I``;
+* ``fixed``: the columns of ``Phi_b`` at every position of the block's output,
+  ``K_bar = Phi_b Phi_b^T``.
 
 References:
     specs/channel-graph.md section 2 (project method); Martens & Grosse (2015),
@@ -37,10 +41,11 @@ from .._types import Array, Key
 from ..lib.stats import chunked_sum, einsum64
 from .model import ChannelModel, to_float64, trace, write_shapes
 
-__all__ = ["METRICS", "PROBES", "ChannelStats", "channel_stats", "reader_pullbacks",
-           "relevance_probes"]
+__all__ = ["METRICS", "PROBES", "STATS_METRICS", "ChannelStats", "channel_stats",
+           "reader_pullbacks", "relevance_probes"]
 
 METRICS = ("relevance", "iso")
+STATS_METRICS = (*METRICS, "fixed")  # ``fixed`` needs explicit factors: channel_stats only
 PROBES = ("exact", "random")
 
 
@@ -134,17 +139,28 @@ def probe_cotangents(model: ChannelModel, x: Any, key: Key, metric: str, exact: 
     return trace(model, x), None, 1.0
 
 
+def _factor_probes(phi: Array, shape: tuple[int, ...]) -> Array:
+    """Cotangents ``(P r, P, d)``: column ``j`` of ``phi: (d, r)`` at position ``p``."""
+    p, d = shape
+    eye = jnp.eye(p, dtype=phi.dtype)
+    return jnp.einsum("pq,dj->pjqd", eye, phi).reshape(p * phi.shape[1], p, d)
+
+
 def reader_pullbacks(model: ChannelModel, x: Any, key: Key, metric: str, exact: bool,
-                     n_probes: int) -> tuple[Any, Any, float, list[Array]]:
-    """One example's trace, write cotangents ``Phi_b^T eps`` (``None`` for ``iso``), the
-    probe normalisation, and per reader ``k = 1..n+1`` the pulled-back probes
-    ``J_k^T s_i``, ``(n_probes_k, P, d_in)`` (vmapped VJPs)."""
+                     n_probes: int, factors: tuple[Any, ...] | None = None
+                     ) -> tuple[Any, Any, float, list[Array]]:
+    """One example's trace, write cotangents ``Phi_b^T eps`` (``None`` for ``iso`` and
+    ``fixed``), the probe normalisation, and per reader ``k = 1..n+1`` the pulled-back
+    probes ``J_k^T s_i``, ``(n_probes_k, P, d_in)`` (vmapped VJPs). ``factors[k]``
+    (``fixed``; ``None`` entries: identity) replaces the one-hot cotangents of ``iso``."""
     tr, cots, scale = probe_cotangents(model, x, key, metric, exact, n_probes)
     jts = []
     for k in range(1, model.n_blocks + 2):
         o, vjp_h = jax.vjp(model.node_fn(k), tr.reads[k - 1])
         if cots is not None:
             s = cots[k]
+        elif factors is not None and factors[k] is not None:
+            s = _factor_probes(factors[k], o.shape)
         else:
             s = jnp.eye(o.size, dtype=o.dtype).reshape(o.size, *o.shape)
         jts.append(jax.vmap(lambda c, v=vjp_h: v(c)[0])(s))
@@ -152,8 +168,8 @@ def reader_pullbacks(model: ChannelModel, x: Any, key: Key, metric: str, exact: 
 
 
 def _example(model: ChannelModel, x: Any, key: Key, metric: str, exact: bool,
-             n_probes: int) -> dict[str, Any]:
-    tr, cots, scale, jts = reader_pullbacks(model, x, key, metric, exact, n_probes)
+             n_probes: int, factors: tuple[Any, ...] | None) -> dict[str, Any]:
+    tr, cots, scale, jts = reader_pullbacks(model, x, key, metric, exact, n_probes, factors)
     outs = (*tr.writes, tr.y)
     return {
         "write_sum": tuple(jnp.sum(o, axis=0) for o in outs),
@@ -166,13 +182,33 @@ def _example(model: ChannelModel, x: Any, key: Key, metric: str, exact: bool,
 
 
 @eqx.filter_jit
-def _stats_sums(model, xs, key, metric, exact, n_probes, chunk_size):
+def _stats_sums(model, xs, key, metric, exact, n_probes, chunk_size, factors):
     def per_chunk(chunk, mask, idx):
         ks = jax.random.split(jax.random.fold_in(key, idx), mask.shape[0])
-        per = jax.vmap(lambda x, k: _example(model, x, k, metric, exact, n_probes))(chunk, ks)
+        per = jax.vmap(lambda x, k: _example(model, x, k, metric, exact, n_probes, factors))(
+            chunk, ks)
         return jax.tree_util.tree_map(lambda a: jnp.tensordot(mask, a, axes=1), per)
 
     return chunked_sum(per_chunk, xs, chunk_size=chunk_size)
+
+
+def _check_factors(fn: str, model: ChannelModel, xs: Any, metric: str,
+                   factors: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    if metric != "fixed":
+        if factors is not None:
+            raise fail(fn, "factors", "None unless metric='fixed'", f"{len(factors)} factors")
+        return None
+    n = model.n_blocks + 2
+    if factors is None or len(factors) != n:
+        raise fail(fn, "factors", f"one entry per node (n_blocks + 2 = {n}) for 'fixed'",
+                   None if factors is None else len(factors))
+    x0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], xs)
+    tr = jax.eval_shape(lambda: trace(model, x0))
+    dims = [w.shape[-1] for w in (*tr.writes, tr.y)]
+    for k, (f, d) in enumerate(zip(factors, dims, strict=True)):
+        if f is not None and (np.ndim(f) != 2 or np.shape(f)[0] != d):
+            raise fail(fn, f"factors[{k}]", f"(d_out = {d}, r)", np.shape(f))
+    return tuple(factors)
 
 
 def channel_stats(
@@ -183,6 +219,7 @@ def channel_stats(
     probes: str = "exact",
     n_probes: int = 32,
     chunk_size: int = 256,
+    factors: tuple[Any, ...] | None = None,
     key: Key | None = None,
 ) -> ChannelStats:
     """Means, covariances, read sensitivities and relevance metrics of every node.
@@ -192,10 +229,12 @@ def channel_stats(
     Args:
         model: the cut model.
         xs: inputs with a leading ``batch`` axis (a pytree).
-        metric: ``relevance`` (default) or ``iso``.
+        metric: ``relevance`` (default), ``iso`` or ``fixed``.
         probes: ``exact`` or ``random`` output probes (``relevance`` only).
         n_probes: random probes per example.
         chunk_size: examples per chunk.
+        factors: ``fixed`` only: one entry per node ``0..n+1``, ``Phi_k: (d_out_k, r_k)``
+            with ``S_k = Phi_k Phi_k^T`` on node ``k``'s output (``None``: identity).
         key: PRNG key (random probes); probes of chunk ``c`` example ``i`` come from
             ``fold_in(key, c)`` split per example.
 
@@ -203,10 +242,12 @@ def channel_stats(
         :class:`ChannelStats`.
 
     Raises:
-        ValueError: on unknown options or random probes without a key.
+        ValueError: on unknown options, random probes without a key, or ``factors``
+            missing, misplaced or of the wrong shape.
     """
     fn = "channel_stats"
-    check_in(fn, "metric", metric, METRICS)
+    check_in(fn, "metric", metric, STATS_METRICS)
+    factors = _check_factors(fn, model, xs, metric, factors)
     check_in(fn, "probes", probes, PROBES)
     check_positive(fn, "n_probes", n_probes, integer=True)
     check_positive(fn, "chunk_size", chunk_size, integer=True)
@@ -219,8 +260,10 @@ def channel_stats(
             lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
             else jnp.asarray(a), xs)
         n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        f64 = None if factors is None else tuple(
+            None if f is None else jnp.asarray(f, jnp.float64) for f in factors)
         sums = _stats_sums(m64, xs, key, metric, probes == "exact", int(n_probes),
-                           int(chunk_size))
+                           int(chunk_size), f64)
         sums = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), sums)
         x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
         tr = jax.eval_shape(lambda: trace(m64, x0))
@@ -238,6 +281,9 @@ def channel_stats(
                                                  strict=True)]
     if metric == "relevance":
         rel = tuple(k / (n * p) for k, p in zip(sums["relevance"], p_writes, strict=True))
+    elif metric == "fixed":
+        rel = tuple(np.eye(m.shape[0]) if f is None else np.asarray(f, np.float64)
+                    @ np.asarray(f, np.float64).T for (m, _), f in zip(w, factors, strict=True))
     else:
         rel = tuple(np.eye(m.shape[0]) for m, _ in w)
     sens = [m / (n * p) for m, p in zip(sums["sensitivity"], p_reads, strict=True)]
