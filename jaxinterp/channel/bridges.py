@@ -31,7 +31,7 @@ import numpy as np
 from .. import tree
 from .._checks import check_positive, fail
 from .._types import Array, PyTree
-from ..decomposition.weights import TRANSPOSED, forward_sites
+from ..decomposition.weights import TRANSPOSED, forward_sites, probe_sites
 from ..lib.stats import chunked_sum, einsum64
 from .subspaces import eta_rank
 
@@ -77,9 +77,11 @@ def layer_kfac(apply: Callable[[PyTree, Any], Any], params: PyTree, xs: Any,
             lambda v: jnp.asarray(v, jnp.float64)
             if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) else jnp.asarray(v), xs)
 
+        x0 = jax.tree_util.tree_map(lambda v: v[0], xs64)
+        shapes = probe_sites(apply, params64, x0, paths)  # no FLOPs
+
         def one(x):
-            _, cache0 = forward_sites(apply, params64, x, paths)
-            zeros = {s: jnp.zeros_like(h) for s, (_, h) in cache0.items()}
+            zeros = {s: jnp.zeros(h.shape, h.dtype) for s, (_, h) in shapes.items()}
 
             def f(deltas):
                 y, cache = forward_sites(apply, params64, x, paths, deltas=deltas)
