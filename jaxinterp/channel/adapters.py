@@ -267,16 +267,14 @@ def attention_model(model: Any, attention: str = "full") -> ChannelModel:
 
 # --- one-layer transformer with biases (modadd) -------------------------------------
 def _modadd_head(p: Any, r: Array, frozen_pattern: bool, frozen_values: bool) -> Array:
+    """:func:`~jaxinterp.models.induction.head_forward` with the head's biases; positions
+    are part of ``embed``'s write here, so none are added to Q and K."""
+    from ..models.induction import head_forward
+
     w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o = p
-    rp = jax.lax.stop_gradient(r) if frozen_pattern else r
-    rv = jax.lax.stop_gradient(r) if frozen_values else r
-    q, k = rp @ w_q + b_q[None, :], rp @ w_k + b_k[None, :]
-    v = rv @ w_v + b_v[None, :]
-    n = r.shape[0]
-    scores = (q @ k.T) / jnp.sqrt(jnp.asarray(w_q.shape[-1], r.dtype))
-    pattern = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((n, n), bool)), scores, -jnp.inf),
-                             axis=-1)
-    return (pattern @ v) @ w_o + b_o[None, :]
+    out = head_forward(w_q, w_k, w_v, w_o, 0.0, r, frozen_pattern=frozen_pattern,
+                       frozen_values=frozen_values, bias=(b_q, b_k, b_v))["out"]
+    return out + b_o[None, :]
 
 
 def _modadd_head_full(p: Any, r: Array) -> Array:
@@ -308,9 +306,9 @@ def modadd_model(model: Any, attention: str = "full") -> ChannelModel:
     ``L0H{h}`` (depth 0: ``W_Q[h], W_K[h], W_V[h], W_O[h]``, the head's ``b_Q, b_K, b_V``
     and ``b_O / n_heads``) and its MLP ``.blocks[0].mlp`` (depth 1: ``W_in, b_in, W_out,
     b_out``). ``embed`` writes ``W_E[tokens] + W_pos``; ``unembed`` reads the last
-    position (``(1, vocab)`` logits with ``b_U``, ``softmax``). The induction cut's
-    heads (:func:`attention_model`) have no biases and add positions to Q and K only, so
-    the heads here are their own functions with the same ``attention`` options.
+    position (``(1, vocab)`` logits with ``b_U``, ``softmax``). Heads run the induction
+    cut's :func:`~jaxinterp.models.induction.head_forward` with biases and without
+    positions, with the same ``attention`` options.
 
     Raises:
         ValueError: for a model that is not a one-layer ``ModAddTransformer``, or an

@@ -74,20 +74,21 @@ class Attention(eqx.Module):
     W_O: Float[Array, "heads d_head d_resid"]
 
 
-def head_forward(w_q: Array, w_k: Array, w_v: Array, w_o: Array, pos: Array, r: Array, *,
-                 frozen_pattern: bool = False, frozen_values: bool = False
-                 ) -> dict[str, Array]:
+def head_forward(w_q: Array, w_k: Array, w_v: Array, w_o: Array, pos: Array | float,
+                 r: Array, *, frozen_pattern: bool = False, frozen_values: bool = False,
+                 bias: tuple[Array, Array, Array] | None = None) -> dict[str, Array]:
     """One head on one example's stream.
 
     Args:
         w_q, w_k, w_v: ``(d_model, d_head)``; w_o: ``(d_head, d_model)``.
-        pos: ``(P, d_model)`` positions added to the query and key inputs.
+        pos: ``(P, d_model)`` positions added to the query and key inputs (0: none).
         r: ``(P, d_model)`` residual stream.
         frozen_pattern: compute the pattern from ``stop_gradient(r)``: the same values,
             but derivatives hold the attention pattern at its value (the head is then
             linear in ``r`` through OV).
         frozen_values: compute the values from ``stop_gradient(r)``: derivatives move
             the pattern only (the QK path). The full Jacobian is the sum of the two.
+        bias: ``(b_q, b_k, b_v)``, each ``(d_head,)``, added to q, k and v (None: none).
 
     Returns:
         ``{"x": r + pos, "q", "k", "v": (P, d_head), "pattern": (P, P) (query, key),
@@ -97,6 +98,8 @@ def head_forward(w_q: Array, w_k: Array, w_v: Array, w_o: Array, pos: Array, r: 
     xp = jax.lax.stop_gradient(x) if frozen_pattern else x
     q, k = xp @ w_q, xp @ w_k
     v = (jax.lax.stop_gradient(r) if frozen_values else r) @ w_v
+    if bias is not None:
+        q, k, v = q + bias[0][None, :], k + bias[1][None, :], v + bias[2][None, :]
     n = r.shape[0]
     scores = (q @ k.T) / jnp.sqrt(jnp.asarray(w_q.shape[-1], r.dtype))
     causal = jnp.tril(jnp.ones((n, n), dtype=bool))
