@@ -33,6 +33,8 @@ from .._checks import check_positive, fail
 from .._types import Array, PyTree
 from ..decomposition.weights import TRANSPOSED, forward_sites, probe_sites
 from ..lib.stats import chunked_sum, einsum64
+from .adapters import as_float
+from .model import to_float64
 from .subspaces import eta_rank
 
 __all__ = ["bridge_report", "captured_fraction", "layer_kfac", "lib_bridge", "top_span"]
@@ -70,24 +72,15 @@ def layer_kfac(apply: Callable[[PyTree, Any], Any], params: PyTree, xs: Any,
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
 
     with jax.enable_x64(True):
-        params64 = jax.tree_util.tree_map(
-            lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v,
-            params)
-        xs64 = jax.tree_util.tree_map(
-            lambda v: jnp.asarray(v, jnp.float64)
-            if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) else jnp.asarray(v), xs)
-
+        params64, xs64 = to_float64(params), as_float(xs)
         x0 = jax.tree_util.tree_map(lambda v: v[0], xs64)
         shapes = probe_sites(apply, params64, x0, paths)  # no FLOPs
 
         def one(x):
             zeros = {s: jnp.zeros(h.shape, h.dtype) for s, (_, h) in shapes.items()}
-
-            def f(deltas):
-                y, cache = forward_sites(apply, params64, x, paths, deltas=deltas)
-                return y, cache
-
-            y, vjp_fn, cache = jax.vjp(f, zeros, has_aux=True)
+            y, vjp_fn, cache = jax.vjp(
+                lambda d: forward_sites(apply, params64, x, paths, deltas=d), zeros,
+                has_aux=True)
             probes = jnp.eye(y.size, dtype=y.dtype).reshape(y.size, *y.shape)
             deltas = jax.vmap(lambda e: vjp_fn(e)[0])(probes)
             return ({s: _flat_gram(a) for s, (a, _) in cache.items()},

@@ -39,6 +39,7 @@ import numpy as np
 from .._checks import check_in, check_positive, fail
 from .._types import Array, Key
 from ..lib.stats import chunked_sum, einsum64
+from .adapters import as_float
 from .model import ChannelModel, to_float64, trace, write_shapes
 
 __all__ = ["METRICS", "PROBES", "STATS_METRICS", "ChannelStats", "channel_stats",
@@ -203,12 +204,11 @@ def _check_factors(fn: str, model: ChannelModel, xs: Any, metric: str,
         raise fail(fn, "factors", f"one entry per node (n_blocks + 2 = {n}) for 'fixed'",
                    None if factors is None else len(factors))
     x0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], xs)
-    tr = jax.eval_shape(lambda: trace(model, x0))
-    dims = [w.shape[-1] for w in (*tr.writes, tr.y)]
+    dims = [shape[-1] for shape in write_shapes(model, x0)]
     for k, (f, d) in enumerate(zip(factors, dims, strict=True)):
         if f is not None and (np.ndim(f) != 2 or np.shape(f)[0] != d):
             raise fail(fn, f"factors[{k}]", f"(d_out = {d}, r)", np.shape(f))
-    return tuple(factors)
+    return tuple(None if f is None else np.asarray(f, np.float64) for f in factors)
 
 
 def channel_stats(
@@ -255,13 +255,10 @@ def channel_stats(
         raise fail(fn, "key", "a PRNG key for random probes", None)
     key = jax.random.key(0) if key is None else key
     with jax.enable_x64(True):
-        m64 = to_float64(model)
-        xs = jax.tree_util.tree_map(
-            lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
-            else jnp.asarray(a), xs)
+        m64, xs = to_float64(model), as_float(xs)
         n = jax.tree_util.tree_leaves(xs)[0].shape[0]
         f64 = None if factors is None else tuple(
-            None if f is None else jnp.asarray(f, jnp.float64) for f in factors)
+            None if f is None else jnp.asarray(f) for f in factors)
         sums = _stats_sums(m64, xs, key, metric, probes == "exact", int(n_probes),
                            int(chunk_size), f64)
         sums = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), sums)
@@ -282,8 +279,8 @@ def channel_stats(
     if metric == "relevance":
         rel = tuple(k / (n * p) for k, p in zip(sums["relevance"], p_writes, strict=True))
     elif metric == "fixed":
-        rel = tuple(np.eye(m.shape[0]) if f is None else np.asarray(f, np.float64)
-                    @ np.asarray(f, np.float64).T for (m, _), f in zip(w, factors, strict=True))
+        rel = tuple(np.eye(m.shape[0]) if f is None else f @ f.T
+                    for (m, _), f in zip(w, factors, strict=True))
     else:
         rel = tuple(np.eye(m.shape[0]) for m, _ in w)
     sens = [m / (n * p) for m, p in zip(sums["sensitivity"], p_reads, strict=True)]
