@@ -40,6 +40,7 @@ import numpy as np
 
 from .._checks import fail
 from .._types import Array
+from ..graph import parse_node_id
 from ..lib.stats import chunked_sum
 from .adapters import as_float, head_name
 from .model import ChannelModel, to_float64, trace
@@ -221,8 +222,8 @@ def induction_recovery(model: Any, res: ChannelAnalysis, xs: Any, names: tuple[s
                 if any(m.startswith(names[prev] + "/") for m in c["members"])
                 or any(m.startswith(names[ind] + "/") for m in c["members"])]
     for i, c in enumerate(circuits):
-        keep = {k: [int(m.rpartition("/")[2]) for m in c["members"]
-                    if m.rpartition("/")[0] == names[k]] for k in range(n + 1)}
+        ids = [parse_node_id(m) for m in c["members"]]
+        keep = {k: [j for la, j in ids if la == names[k]] for k in range(n + 1)}
         configs[f"co_usage_{i}"] = _config(res, keep, {})
     with jax.enable_x64(True):
         cm = channel_model_for("induction", model, attention=attention)

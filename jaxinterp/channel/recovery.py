@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import subspace_angles
 
+from ..graph import parse_node_id
 from .pipeline import ChannelAnalysis
 
 __all__ = ["channel_labels", "planted_recovery"]
@@ -63,12 +64,12 @@ def _usage_check(res: ChannelAnalysis, labels: dict[str, int], truth: np.ndarray
     ids = list(res.graph.node_ids)
     use = res.usage
     act = np.asarray(res.activity, np.float64)
-    blocks = [i for i, u in enumerate(ids) if u.rpartition("/")[0] not in skip]
+    blocks = [i for i, u in enumerate(ids) if parse_node_id(u)[0] not in skip]
     total = np.maximum(act[:, blocks].sum(axis=1), 1e-300)
     out = {}
     for mod in (0, 1):
         cols = [i for i, u in enumerate(ids)
-                if labels[u] == mod and u.rpartition("/")[0] not in skip]
+                if labels[u] == mod and parse_node_id(u)[0] not in skip]
         pred = use[:, cols].any(axis=1)
         a = act[:, cols].sum(axis=1)
         share = a / total
@@ -149,7 +150,7 @@ def planted_recovery(target: str, model: Any, res: ChannelAnalysis, xs: Any,
         skip = ("embed", "unembed")
     else:
         out["cross_mass"] = _cross_mass(res, labels)
-        out["channel_components"] = [sorted({u.rpartition("/")[0] for u in c})
+        out["channel_components"] = [sorted({parse_node_id(u)[0] for u in c})
                                      for c in res.channel_components]
         half = x.shape[1] // 2
         truth = np.stack([np.any(x[:, :half] != 0, axis=1),

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checks import check_positive, fail
+from ..graph import parse_node_id
 from ..lib.fourier import fourier_labels, same_frequency_fraction
 from .adapters import as_float
 from .assemble import to_networkx
@@ -42,10 +43,6 @@ from .pipeline import ChannelAnalysis
 from .subspaces import numerical_rank
 
 __all__ = ["channel_coefficients", "circuit_coverage", "modadd_checks", "resid_mlp_checks"]
-
-
-def _layer_of(nid: str) -> str:
-    return nid.rpartition("/")[0]
 
 
 def circuit_coverage(res: ChannelAnalysis, names: Sequence[str]) -> dict[str, Any]:
@@ -57,7 +54,7 @@ def circuit_coverage(res: ChannelAnalysis, names: Sequence[str]) -> dict[str, An
     for k, name in enumerate(names):
         m = res.channels.graph_rank(k)
         eta = min(res.channels.rank_out(k), m)
-        counts = [[int(u.rpartition("/")[2]) for u in c["members"] if _layer_of(u) == name]
+        counts = [[i for la, i in map(parse_node_id, c["members"]) if la == name]
                   for c in res.circuits]
         sizes = [len(c) for c in counts]
         best = int(np.argmax(sizes)) if sizes and max(sizes) > 0 else None
@@ -177,13 +174,12 @@ def modadd_checks(model: Any, cm: ChannelModel, res: ChannelAnalysis, names: Seq
         members) and ``layers``; ``mean_purity`` weighted by size; ``n_in_range`` whether
         the count is within 3-6 and ``matches_key_count``)}``.
     """
-    from ..models.modadd import key_frequencies, tokens_of
+    from ..models.modadd import all_tokens, key_frequencies
 
     if len(names) != len(res.graph.layers):
         raise fail("modadd_checks", "names", f"{len(res.graph.layers)} node names", len(names))
     p = int(model.p)
-    pairs = np.stack(np.meshgrid(np.arange(p), np.arange(p), indexing="ij"), -1).reshape(-1, 2)
-    coeffs = channel_coefficients(cm, res, tokens_of(jnp.asarray(pairs), p))
+    coeffs = channel_coefficients(cm, res, all_tokens(p))
     freq: dict[str, int] = {}
     nodes = {}
     for la, c in zip(res.graph.layers, coeffs, strict=True):
@@ -221,7 +217,8 @@ def modadd_checks(model: Any, cm: ChannelModel, res: ChannelAnalysis, names: Seq
             counts = Counter(freq[u] for u in m if freq[u] > 0)
             dom, cnt = counts.most_common(1)[0] if counts else (0, 0)
             items.append({"size": len(m), "dominant_frequency": int(dom),
-                          "purity": cnt / len(m), "layers": sorted({_layer_of(u) for u in m})})
+                          "purity": cnt / len(m),
+                          "layers": sorted({parse_node_id(u)[0] for u in m})})
         sizes = np.asarray([i["size"] for i in items], np.float64)
         n_ns = len(items)
         comms[gamma] = {

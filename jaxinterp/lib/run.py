@@ -191,11 +191,10 @@ def _data(name: str, model: Any, tcfg: Any, seed: int, cfg: LIBConfig) -> dict[s
 
 
 def _fourier(model: Any, sectioned: Any, ib: Any, n_rel: dict[str, int]) -> dict[str, Any]:
-    from ..models.modadd import tokens_of
+    from ..models.modadd import all_tokens
 
     p = model.p
-    pairs = np.stack(np.meshgrid(np.arange(p), np.arange(p), indexing="ij"), -1).reshape(-1, 2)
-    acts = collect_activations(sectioned, tokens_of(jnp.asarray(pairs), p), chunk_size=4096)
+    acts = collect_activations(sectioned, all_tokens(p), chunk_size=4096)
     out = {}
     for li, b in enumerate(ib.layers[:-1]):
         start = int(b.constant)  # rank the non-constant directions by Lambda

@@ -209,6 +209,13 @@ def tokens_of(pairs: Int[Array, "batch 2"], p: int) -> Int[Array, "batch positio
     return jnp.concatenate([pairs, jnp.full((pairs.shape[0], 1), p, pairs.dtype)], axis=1)
 
 
+def all_tokens(p: int) -> Int[Array, "p2 positions"]:
+    """The ``[a, b, =]`` rows of all ``p^2`` pairs, ``a``-major (row ``a p + b``), so
+    anything computed on them reshapes to a ``(p, p, ...)`` table over ``(a, b)``."""
+    a, b = np.divmod(np.arange(p * p), p)
+    return tokens_of(jnp.asarray(np.stack([a, b], axis=1), jnp.int32), p)
+
+
 def last_position_logits(model: ModAddTransformer,
                          pairs: Int[Array, "batch 2"]) -> Float[Array, "batch vocab"]:
     """Last-position logits of ``[a, b, =]`` for a batch of ``(a, b)`` pairs, computing only
