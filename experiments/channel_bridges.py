@@ -28,22 +28,20 @@ import jax.numpy as jnp
 from jaxinterp import io
 from jaxinterp.channel.bridges import bridge_report, lib_bridge
 from jaxinterp.decomposition import load_spd_run
-from jaxinterp.decomposition.runs import batch_inputs, load_or_train_target
+from jaxinterp.decomposition.runs import batch_inputs
 from jaxinterp.models import base
 from jaxinterp.target import from_equinox
 
 
 def bridge_run(run_dir: str, target_dir: str | None, n_data: int, eta: float) -> list[dict]:
-    comps, cfg, seeds, model, sites = load_spd_run(run_dir, target_dir=target_dir)
-    _, tcfg, target = load_or_train_target(io.read_header(Path(run_dir) / "components.eqx")
-                                           ["target"], target_dir, progress=False)
-    t = from_equinox(model)
-    dcfg = dataclasses.replace(tcfg, batch_size=n_data)
-    xs = batch_inputs(target.sample(dcfg, None, jax.random.key(12345), jnp.asarray(0)))
+    run = load_spd_run(run_dir, target_dir=target_dir)
+    t = from_equinox(run.model)
+    dcfg = dataclasses.replace(run.target_config, batch_size=n_data)
+    xs = batch_inputs(run.target.sample(dcfg, None, jax.random.key(12345), jnp.asarray(0)))
     rows = []
-    for i, s in enumerate(seeds):
-        ci = jax.tree_util.tree_map(lambda v, i=i: v[i], comps)
-        factors = {site: ci.site_factors(site) for site in sites.names}
+    for i, s in enumerate(run.seeds):
+        ci = jax.tree_util.tree_map(lambda v, i=i: v[i], run.components)
+        factors = {site: ci.site_factors(site) for site in run.sites.names}
         rep = bridge_report(t.apply, t.params, xs, factors, eta=eta)
         rows.append({"seed": s, "sites": rep})
     return rows

@@ -210,8 +210,9 @@ def test_cli_run_spd(tmp_path, capsys):
         # the run reloads: components with the seeds axis, the config, the target
         from jaxinterp.decomposition import load_spd_run
 
-        comps, cfg, seeds, model, sites = load_spd_run(out, target_dir=tdir)
+        comps, cfg, seeds, _, target, _, sites = load_spd_run(out, target_dir=tdir)
         assert seeds == [0] and cfg.c_imp == 0.01 and cfg.paths == (".W_enc",)
+        assert target.name == "tms-5-2"
         assert comps.V[".W_enc"].shape == (1, 5, 20) and sites.names == (".W_enc", ".W_enc:T")
         assert np.all(np.isfinite(np.asarray(comps.U[".W_enc"])))
         with pytest.raises(ValueError, match="run_dir"):

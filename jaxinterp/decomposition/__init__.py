@@ -16,6 +16,7 @@ from .l3d_run import L3DConfig as L3DConfig
 from .l3d_run import l3d_config as l3d_config
 from .l3d_run import train_l3d as train_l3d
 from .spd_run import SPDConfig as SPDConfig
+from .spd_run import SPDRun as SPDRun
 from .spd_run import load_spd_run as load_spd_run
 from .spd_run import spd_config as spd_config
 from .spd_run import train_spd as train_spd

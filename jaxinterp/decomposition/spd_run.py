@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -217,12 +217,9 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     t = from_equinox(model)
     apply, params = t.apply, t.params
     dcfg = dataclasses.replace(target_cfg, batch_size=cfg.batch_size)
-    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
-    sites = apd.make_sites(apply, params, x0, cfg.paths)
+    sites = _sites(t, target, dcfg, cfg)
     keys = jnp.stack([seed_key(s) for s in seeds])
-    comps = jax.vmap(lambda k: spd.init_spd(params, sites, cfg.C, cfg.ci_hidden,
-                                            init=cfg.init, ci_fn=cfg.ci_fn,
-                                            key=stream_key(k, Stream.INIT)))(keys)
+    comps = jax.vmap(lambda k: _init(params, sites, cfg, stream_key(k, Stream.INIT)))(keys)
     if cfg.faith_warmup_steps:
         comps = jax.vmap(lambda c: spd.faithfulness_warmup(params, c, sites,
                                                            cfg.faith_warmup_steps))(comps)
@@ -274,17 +271,38 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     return res
 
 
-def load_spd_run(run_dir: str | Path, *, target_dir: str | Path | None = None
-                 ) -> tuple[spd.SPDComponents, SPDConfig, list[int], Any, apd.Sites]:
-    """The trained subcomponents of a ``jaxinterp run spd`` run directory.
+def _sites(t: Any, target: base.ToyTarget, dcfg: Any, cfg: SPDConfig) -> apd.Sites:
+    """The decomposed sites of ``cfg.paths``, probed on one sampled example."""
+    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
+    return apd.make_sites(t.apply, t.params, x0, cfg.paths)
+
+
+def _init(params: Any, sites: apd.Sites, cfg: SPDConfig, key: Any) -> spd.SPDComponents:
+    """One seed's initial subcomponents under ``cfg`` (also the loader's template)."""
+    return spd.init_spd(params, sites, cfg.C, cfg.ci_hidden, init=cfg.init, ci_fn=cfg.ci_fn,
+                        key=key)
+
+
+class SPDRun(NamedTuple):
+    """A finished SPD run reloaded by :func:`load_spd_run`."""
+
+    components: spd.SPDComponents  # leading seeds axis
+    config: SPDConfig
+    seeds: list[int]
+    model: Any
+    target: base.ToyTarget
+    target_config: Any
+    sites: apd.Sites
+
+
+def load_spd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -> SPDRun:
+    """The trained subcomponents of a ``jaxinterp run spd`` run directory, with its config,
+    seeds, target and sites.
 
     Args:
         run_dir: the run's ``--out`` directory (``components.eqx`` and its header).
         target_dir: the target's run directory (None: the cached ``runs/targets/NAME-seed0``
             that ``run spd`` uses without ``--target``).
-
-    Returns:
-        ``(components with a leading seeds axis, config, seeds, target model, sites)``.
 
     Raises:
         ValueError: if the directory holds no finished SPD run or the target differs.
@@ -302,18 +320,11 @@ def load_spd_run(run_dir: str | Path, *, target_dir: str | Path | None = None
     model, target_cfg, target = load_or_train_target(header["target"], target_dir,
                                                      progress=False)
     t = from_equinox(model)
-    dcfg = dataclasses.replace(target_cfg, batch_size=1)
-    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
-    sites = apd.make_sites(t.apply, t.params, x0, cfg.paths)
-
-    def init(k):
-        return spd.init_spd(t.params, sites, cfg.C, cfg.ci_hidden, init=cfg.init,
-                            ci_fn=cfg.ci_fn, key=k)
-
-    like = eqx.filter_eval_shape(
-        jax.vmap(init), jnp.stack([seed_key(s) for s in seeds]))
+    sites = _sites(t, target, dataclasses.replace(target_cfg, batch_size=1), cfg)
+    like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, sites, cfg, k)),
+                                 jnp.stack([seed_key(s) for s in seeds]))
     comps, _ = io.load_tree(file, like)
-    return comps, cfg, seeds, model, sites
+    return SPDRun(comps, cfg, seeds, model, target, target_cfg, sites)
 
 
 def _patterns(sites: apd.Sites, params: Any) -> dict[str, tuple[str, int]]:
