@@ -205,6 +205,70 @@ def test_total_loss_terms_equal_direct_evaluation(getkey):
     assert float(aux["n_active"]) == 1.5
 
 
+@pytest.mark.parametrize("pos", [(), (3,)])
+def test_sparse_masked_matmul_equals_the_dense_sum(pos, getkey):
+    """Vmapped over examples, the sparse masked low-rank matmul (only the active pairs)
+    gives the dense masked sum's values and gradients, with a position axis, under an
+    outer vmap over seeds with jit, called on one example, and with fewer active pairs
+    than its budget."""
+    from jaxinterp.decomposition.sparse_mask import _dense, masked_lowrank_matmul
+
+    n, C, d_in, m, d_out = 16, 7, 5, 3, 4
+    a = jax.random.normal(getkey(), (n, *pos, d_in), jnp.float64)
+    A = jax.random.normal(getkey(), (2, C, d_in, m), jnp.float64)
+    B = jax.random.normal(getkey(), (2, C, m, d_out), jnp.float64)
+    mask = apd.batch_topk_mask(jax.random.uniform(getkey(), (n, C)), 1.5)
+    k = int(mask.sum())
+
+    def loss(fn, a, A, B):
+        return jnp.sum(jnp.sin(jax.vmap(fn, in_axes=(0, 0, None, None))(a, mask, A, B)))
+
+    def sparse(a, mk, A, B):
+        return masked_lowrank_matmul(a, mk, A, B, max_active=k + 3)
+
+    one_seed = jax.value_and_grad(loss, argnums=(1, 2, 3))
+    seeds = jax.jit(jax.vmap(jax.grad(loss, argnums=(1, 2, 3)), in_axes=(None, None, 0, 0)),
+                    static_argnums=0)
+    for fn, args in ((one_seed, (a, A[0], B[0])), (seeds, (a, A, B))):
+        ref, got = fn(_dense, *args), fn(sparse, *args)
+        for r, g in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got),
+                        strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
+    one = masked_lowrank_matmul(a[0], mask[0], A[0], B[0], max_active=k)
+    np.testing.assert_allclose(one, _dense(a[0], mask[0], A[0], B[0]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tms-5-2", "resid"])
+@pytest.mark.parametrize("mode", ["batch", "sample", "distil"])
+def test_sparse_topk_forward_gives_the_dense_loss_and_gradients(name, mode, getkey):
+    """``sparse_topk`` is a speed setting: the same loss terms and gradients as the dense
+    masked forward (tied TMS decoder, two-layer residual MLP, each top-k mode)."""
+    _, cfg, t, paths, sites, _ = case(name, getkey)
+    comps = random_components(t, paths, 6, 2, getkey())
+    x = jax.random.uniform(getkey(), (24, cfg.n_features), jnp.float64, -1, 1)
+    preset = "tms-5-2" if name.startswith("tms") else "resid-mlp-2"
+    kw = {"batch": dict(topk=0.5), "sample": dict(topk=1, topk_mode="sample"),
+          "distil": dict(topk=0.5, distil_from_target=True)}[mode]
+    lcfg = apd_config(preset, C=6, m=2, **kw).loss_config()
+    if name == "resid":
+        lcfg = lcfg._replace(act_sites=(".layers[0].mlp_in", ".layers[1].mlp_in"))
+    out = {}
+    for sparse in (False, True):
+        c = lcfg._replace(sparse_topk=sparse)
+        assert (apd._max_active(c, 24, 6) is None) == (not sparse)
+        out[sparse] = jax.value_and_grad(
+            lambda cc, c=c: apd.apd_loss(cc, t.params, x, apply=t.apply, sites=sites, cfg=c),
+            has_aux=True)(comps)
+    ((v0, a0), g0), ((v1, a1), g1) = out[False], out[True]
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    for key in a0:
+        np.testing.assert_allclose(a1[key], a0[key], rtol=1e-12, atol=1e-15)
+    for r, g in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-10, atol=1e-14)
+    auto = lcfg._replace(sparse_topk=None)  # sparse when at most 1/8 of the entries are on
+    assert apd._max_active(auto, 24, 60) is not None and apd._max_active(auto, 24, 2) is None
+
+
 def test_inactive_components_get_gradient_only_from_faithfulness(getkey):
     _, cfg, t, paths, sites, _ = case("tms-5-2", getkey)
     comps = random_components(t, paths, 5, 3, getkey())

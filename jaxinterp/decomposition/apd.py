@@ -75,11 +75,13 @@ class APDComponents(eqx.Module):
     def n_components(self) -> int:
         return next(iter(self.A.values())).shape[-3]
 
-    def weight(self, path: str, mask: Array | None = None) -> LowRankWeight:
-        """The masked sum of components at ``path`` as a :class:`LowRankWeight`."""
+    def weight(self, path: str, mask: Array | None = None, *,
+               max_active: int | None = None) -> LowRankWeight:
+        """The masked sum of components at ``path`` as a :class:`LowRankWeight`
+        (``max_active``: see there)."""
         A, B = self.A[path], self.B[path]
         mask = jnp.ones(A.shape[0], A.dtype) if mask is None else mask
-        return LowRankWeight(A, B, mask)
+        return LowRankWeight(A, B, mask, max_active)
 
     def matrices(self, path: str) -> Array:
         """Per-component dense matrices ``(C, d_in, d_out)`` at ``path``."""
@@ -291,6 +293,7 @@ class APDLossConfig(NamedTuple):
     act_sites: tuple[str, ...]
     act_relu: bool
     attr_chunk: int = 0
+    sparse_topk: bool | None = None
 
 
 def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
@@ -336,8 +339,10 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
         mask = jax.lax.stop_gradient(mask)
     aux["n_active"] = jnp.mean(jnp.sum(mask > 0, axis=-1).astype(jnp.float32))
 
-    def masked_forward(xx, s):
-        w = {p: comps.weight(p, s) for p in sites.paths}
+    active = None if lp_mode else _max_active(cfg, b, attr.shape[1])
+
+    def masked_forward(xx, s, sparse=False):
+        w = {p: comps.weight(p, s, max_active=active if sparse else None) for p in sites.paths}
         return forward_sites(apply, params, xx, sites.paths, weights=w)
 
     if cfg.c_faith is not None:
@@ -346,7 +351,7 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
     need_masked = not lp_mode and (cfg.c_topk is not None or cfg.c_act is not None)
     need_full = cfg.c_out is not None or (lp_mode and cfg.c_act is not None)
     if need_masked:
-        y_m, cache_m = jax.vmap(masked_forward)(x, mask)
+        y_m, cache_m = jax.vmap(lambda xx, s: masked_forward(xx, s, active is not None))(x, mask)
         if cfg.c_topk is not None:
             aux["topk_recon"] = jnp.mean((y_m - y_t) ** 2)
             total = total + cfg.c_topk * aux["topk_recon"]
@@ -367,6 +372,18 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
         aux["schatten"] = schatten_loss(comps, sites, mask, cfg.schatten_p)
         total = total + cfg.c_schatten * aux["schatten"]
     return total, aux
+
+
+def _max_active(cfg: APDLossConfig, b: int, c: int) -> int | None:
+    """The number of non-zero entries of the batch's top-k mask when it is known statically
+    (batch or per-sample top-k, plus the distilled target column), or None (exact top-k, or
+    a mask too dense for the sparse masked forward to pay: auto when ``sparse_topk`` is
+    None means at most an eighth of the ``batch x C`` entries)."""
+    if cfg.sparse_topk is False or cfg.exact_topk:
+        return None
+    k = int(cfg.topk) * b if cfg.topk_mode == "sample" else int(math.floor(cfg.topk * b))
+    k = min(k + (b if cfg.distil_from_target else 0), b * c)
+    return k if cfg.sparse_topk or 8 * k <= b * c else None
 
 
 def _exact_topk_mask(attr: Array, x: Array) -> Array:

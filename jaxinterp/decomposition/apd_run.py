@@ -58,6 +58,10 @@ class APDConfig:
         init_gain, init_fan_instances: the reference's init fan rule.
         attr_chunk: examples per ``lax.map`` chunk of the attribution pass (0: one vmap
             over the batch); chunking is faster on CPU for large sites.
+        sparse_topk: the top-k masked forward computes only the active (example,
+            component) pairs (True), the dense masked sum (False), or decides (None: sparse
+            when at most an eighth of the ``batch x C`` mask entries can be active). Same
+            values either way (tested); a speed setting.
         steps_per_call, eval_size, checkpoint_every: run mechanics.
         success_mmcs, success_ml2r: a TMS seed succeeds when MMCS >= success_mmcs and
             ML2R lies in the closed interval success_ml2r.
@@ -90,6 +94,7 @@ class APDConfig:
     init_gain: float = 1.0
     init_fan_instances: int = 12
     attr_chunk: int = 0
+    sparse_topk: bool | None = None
     steps_per_call: int = 200
     eval_size: int = 10_000
     checkpoint_every: int = 2000
@@ -121,7 +126,7 @@ class APDConfig:
             c_topk=self.c_topk, c_act=self.c_act, c_schatten=self.c_schatten,
             c_lp=self.c_lp, c_out=self.c_out, schatten_p=self.schatten_p, lp_p=self.lp_p,
             attribution=self.attribution, act_sites=tuple(self.act_sites),
-            act_relu=self.act_relu, attr_chunk=self.attr_chunk)
+            act_relu=self.act_relu, attr_chunk=self.attr_chunk, sparse_topk=self.sparse_topk)
 
 
 _RESID_SITES = lambda n: tuple(f".layers[{i}].mlp_in" for i in range(n))  # noqa: E731

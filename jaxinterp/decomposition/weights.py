@@ -87,11 +87,16 @@ class LowRankWeight(eqx.Module):
         A: ``(C, d_in, m)``.
         B: ``(C, m, d_out)``.
         mask: ``(C,)`` per-component multiplier (1 for the full model, binary top-k).
+        max_active: None (dense), or a bound on the non-zero mask entries over the
+            vmapped batch: then ``a @ W`` under vmap computes only the active (example,
+            component) pairs (:func:`~jaxinterp.decomposition.sparse_mask.masked_lowrank_matmul`;
+            the mask gets no gradient).
     """
 
     A: Array
     B: Array
     mask: Array
+    max_active: int | None = eqx.field(static=True, default=None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,9 +112,14 @@ class LowRankWeight(eqx.Module):
 
     @property
     def T(self) -> LowRankWeight:  # noqa: N802  (mirrors ndarray.T)
-        return LowRankWeight(jnp.swapaxes(self.B, 1, 2), jnp.swapaxes(self.A, 1, 2), self.mask)
+        return LowRankWeight(jnp.swapaxes(self.B, 1, 2), jnp.swapaxes(self.A, 1, 2), self.mask,
+                             self.max_active)
 
     def __rmatmul__(self, a: Array) -> Array:
+        if self.max_active is not None:
+            from .sparse_mask import masked_lowrank_matmul
+
+            return masked_lowrank_matmul(a, self.mask, self.A, self.B, max_active=self.max_active)
         inner = jnp.einsum("...i,cim->...cm", a, self.A)
         return jnp.einsum("...cm,c,cmo->...o", inner, self.mask, self.B)
 
