@@ -366,6 +366,16 @@ def test_cli_run_apd_with_a_trained_target(tmp_path, capsys):
         assert code == 0
         m = json.loads((out / "metrics.json").read_text())
         assert m["seeds"] == [0, 1] and len(m["per_seed"]) == 2 and m["steps"] == 40
+        run = ji.decomposition.load_apd_run(out, target_dir=tdir)
+        assert run.seeds == [0, 1] and run.config.steps == 40 and run.metrics == m
+        assert run.components.A[".W_enc"].shape == (2, run.config.C, 5, run.config.m)
+        for i, seed in enumerate(m["per_seed"]):  # the reloaded components give the metrics
+            rows = jnp.einsum("cim,cmo->cio", run.components.A[".W_enc"][i],
+                              run.components.B[".W_enc"][i])
+            got = mmcs_ml2r(run.model.W_enc, rows)
+            assert abs(got["mmcs"] - seed["mmcs"]) < 1e-5
+        with pytest.raises(ValueError, match="run_dir"):
+            ji.decomposition.load_apd_run(tdir)
         assert cli_main(["run", "apd", "tms-5-2", "--steps", "10", "--target", str(tdir),
                          "--no-progress", "--bogus", "1"]) == 2
         assert "bogus" in capsys.readouterr().err

@@ -10,7 +10,9 @@ from . import spd_metrics as spd_metrics
 from . import spd_run as spd_run
 from . import weights as weights
 from .apd_run import APDConfig as APDConfig
+from .apd_run import APDRun as APDRun
 from .apd_run import apd_config as apd_config
+from .apd_run import load_apd_run as load_apd_run
 from .apd_run import train_apd as train_apd
 from .l3d_run import L3DConfig as L3DConfig
 from .l3d_run import l3d_config as l3d_config

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ from ..target import from_equinox
 from ..train import fit, make_optimizer
 from . import apd
 from .apd_metrics import evaluate_apd
-from .runs import batch_inputs, cli_runner, preset_config
+from .runs import batch_inputs, cli_runner, load_or_train_target, preset_config
 
 TMS_PATHS = (".W_enc",)
 TMS_ID_PATHS = (".W_enc", ".hidden[0]")
@@ -177,6 +178,73 @@ def _index(t: Any, i: int) -> Any:
     return jax.tree_util.tree_map(lambda v: v[i], t)
 
 
+def _sites(t: Any, target: base.ToyTarget, dcfg: Any, cfg: APDConfig) -> apd.Sites:
+    """The decomposed sites of ``cfg.paths``, probed on one sampled example."""
+    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
+    return apd.make_sites(t.apply, t.params, x0, cfg.paths)
+
+
+def _rank(params: Any, cfg: APDConfig) -> int:
+    """The inner rank m (``cfg.m``, or the smallest side of the decomposed weights)."""
+    return cfg.m or min(min(tree.get(params, p).shape) for p in cfg.paths)
+
+
+def _init(params: Any, cfg: APDConfig, m: int, key: Any) -> apd.APDComponents:
+    """One seed's initial components under ``cfg`` (also the loader's template)."""
+    comps = apd.init_components(params, cfg.paths, cfg.C, m, gain=cfg.init_gain,
+                                fan_instances=cfg.init_fan_instances,
+                                key=stream_key(key, Stream.INIT))
+    return apd.normalize_columns(comps) if cfg.unit_norm else comps
+
+
+class APDRun(NamedTuple):
+    """A finished APD run reloaded by :func:`load_apd_run`."""
+
+    components: apd.APDComponents  # leading seeds axis
+    config: APDConfig
+    seeds: list[int]
+    metrics: dict[str, Any]
+    model: Any
+    target: base.ToyTarget
+    target_config: Any
+    sites: apd.Sites
+
+
+def load_apd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -> APDRun:
+    """The trained components of a ``jaxinterp run apd`` run directory, with its config,
+    seeds, metrics, target and sites.
+
+    Args:
+        run_dir: the run's ``--out`` directory (``components.eqx`` and its header).
+        target_dir: the target's run directory (None: the cached ``runs/targets/NAME-seed0``
+            that ``run apd`` uses without ``--target``).
+
+    Raises:
+        ValueError: if the directory holds no finished APD run or the target differs.
+    """
+    file = Path(run_dir) / "components.eqx"
+    if not file.is_file():
+        raise fail("load_apd_run", "run_dir", "a finished APD run (components.eqx)",
+                   str(run_dir))
+    header = io.read_header(file)
+    if header.get("method") != "apd":
+        raise fail("load_apd_run", "run_dir", "an APD run", header.get("method"))
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in header["config"].items()}
+    cfg = APDConfig(**raw)
+    seeds = [int(s) for s in header["seeds"]]
+    model, target_cfg, target = load_or_train_target(header["target"], target_dir,
+                                                     progress=False)
+    t = from_equinox(model)
+    sites = _sites(t, target, dataclasses.replace(target_cfg, batch_size=1), cfg)
+    m = int(header.get("m") or _rank(t.params, cfg))
+    like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, cfg, m, k)),
+                                 jnp.stack([seed_key(s) for s in seeds]))
+    comps, _ = io.load_tree(file, like)
+    metrics_file = Path(run_dir) / "metrics.json"
+    metrics = io.read_json(metrics_file) if metrics_file.is_file() else {}
+    return APDRun(comps, cfg, seeds, metrics, model, target, target_cfg, sites)
+
+
 def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfig,
               seeds: list[int], *, out: str | Path | None = None, progress: bool = True,
               resume: bool = True) -> APDResult:
@@ -203,18 +271,10 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
             raise fail("train_apd", "paths", "weight paths of the target",
                        repr(path), str(e)) from None
     dcfg = dataclasses.replace(target_cfg, batch_size=cfg.batch_size)
-    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
-    sites = apd.make_sites(apply, params, x0, cfg.paths)
-    m = cfg.m or min(min(tree.get(params, p).shape) for p in cfg.paths)
+    sites = _sites(t, target, dcfg, cfg)
+    m = _rank(params, cfg)
     keys = jnp.stack([seed_key(s) for s in seeds])
-
-    def init(k):
-        comps = apd.init_components(params, cfg.paths, cfg.C, m, gain=cfg.init_gain,
-                                    fan_instances=cfg.init_fan_instances,
-                                    key=stream_key(k, Stream.INIT))
-        return apd.normalize_columns(comps) if cfg.unit_norm else comps
-
-    comps = jax.vmap(init)(keys)
+    comps = jax.vmap(lambda k: _init(params, cfg, m, k))(keys)
     opt = make_optimizer("adam", cfg.lr, cfg.steps, schedule=cfg.schedule,
                          warmup_frac=cfg.warmup_frac)
     if cfg.unit_norm:
