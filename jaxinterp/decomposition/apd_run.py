@@ -28,7 +28,7 @@ from ..target import from_equinox
 from ..train import fit, make_optimizer
 from . import apd
 from .apd_metrics import evaluate_apd
-from .runs import batch_inputs, cli_runner, load_or_train_target, preset_config
+from .runs import batch_inputs, cli_runner, preset_config, read_saved_run
 
 TMS_PATHS = (".W_enc",)
 TMS_ID_PATHS = (".W_enc", ".hidden[0]")
@@ -222,27 +222,17 @@ def load_apd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -
     Raises:
         ValueError: if the directory holds no finished APD run or the target differs.
     """
-    file = Path(run_dir) / "components.eqx"
-    if not file.is_file():
-        raise fail("load_apd_run", "run_dir", "a finished APD run (components.eqx)",
-                   str(run_dir))
-    header = io.read_header(file)
-    if header.get("method") != "apd":
-        raise fail("load_apd_run", "run_dir", "an APD run", header.get("method"))
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in header["config"].items()}
-    cfg = APDConfig(**raw)
-    seeds = [int(s) for s in header["seeds"]]
-    model, target_cfg, target = load_or_train_target(header["target"], target_dir,
-                                                     progress=False)
-    t = from_equinox(model)
-    sites = _sites(t, target, dataclasses.replace(target_cfg, batch_size=1), cfg)
-    m = int(header.get("m") or _rank(t.params, cfg))
+    run = read_saved_run("load_apd_run", run_dir, "apd", APDConfig, target_dir)
+    cfg, seeds = run.config, run.seeds
+    t = from_equinox(run.model)
+    sites = _sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1), cfg)
+    m = int(run.header.get("m") or _rank(t.params, cfg))
     like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, cfg, m, k)),
                                  jnp.stack([seed_key(s) for s in seeds]))
-    comps, _ = io.load_tree(file, like)
+    comps, _ = io.load_tree(run.file, like)
     metrics_file = Path(run_dir) / "metrics.json"
     metrics = io.read_json(metrics_file) if metrics_file.is_file() else {}
-    return APDRun(comps, cfg, seeds, metrics, model, target, target_cfg, sites)
+    return APDRun(comps, cfg, seeds, metrics, run.model, run.target, run.target_config, sites)
 
 
 def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfig,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -78,6 +78,43 @@ def load_or_train_target(name: str, target_dir: str | Path | None, *, progress: 
         return base.load_target(cache)
     r = base.train_target(name, out=cache, progress=progress)
     return r.model, r.config, base.get_target(name)
+
+
+class SavedRun(NamedTuple):
+    """What every finished ``jaxinterp run METHOD`` directory holds, reloaded by
+    :func:`read_saved_run` (the method's loader adds its components)."""
+
+    file: Path  # components.eqx
+    header: dict[str, Any]
+    config: Any
+    seeds: list[int]
+    model: Any
+    target: base.ToyTarget
+    target_config: Any
+
+
+def read_saved_run(fn: str, run_dir: str | Path, method: str, config_cls: type,
+                   target_dir: str | Path | None) -> SavedRun:
+    """The header of ``run_dir/components.eqx`` (config, seeds) and the target it was
+    trained on (``target_dir``, or the cached ``runs/targets/NAME-seed0``).
+
+    Raises:
+        ValueError: naming ``fn``'s ``run_dir`` if it holds no finished ``method`` run.
+    """
+    from .. import io
+
+    file = Path(run_dir) / "components.eqx"
+    if not file.is_file():
+        raise fail(fn, "run_dir", f"a finished {method.upper()} run (components.eqx)",
+                   str(run_dir))
+    header = io.read_header(file)
+    if header.get("method") != method:
+        raise fail(fn, "run_dir", f"an {method.upper()} run", header.get("method"))
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in header["config"].items()}
+    model, target_cfg, target = load_or_train_target(header["target"], target_dir,
+                                                     progress=False)
+    seeds = [int(s) for s in header["seeds"]]
+    return SavedRun(file, header, config_cls(**raw), seeds, model, target, target_cfg)
 
 
 def cli_runner(method: str, make_config: Callable[..., Any], cls: type,

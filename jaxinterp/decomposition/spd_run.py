@@ -27,7 +27,7 @@ from ..target import from_equinox
 from ..train import fit, make_optimizer
 from . import apd, spd
 from .apd_run import TMS_ID_PATHS, TMS_PATHS, resid_paths
-from .runs import batch_inputs, cli_runner, load_or_train_target, preset_config
+from .runs import batch_inputs, cli_runner, preset_config, read_saved_run
 from .spd_metrics import (
     dense_ci_error,
     identity_ci_error,
@@ -307,24 +307,14 @@ def load_spd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -
     Raises:
         ValueError: if the directory holds no finished SPD run or the target differs.
     """
-    file = Path(run_dir) / "components.eqx"
-    if not file.is_file():
-        raise fail("load_spd_run", "run_dir", "a finished SPD run (components.eqx)",
-                   str(run_dir))
-    header = io.read_header(file)
-    if header.get("method") != "spd":
-        raise fail("load_spd_run", "run_dir", "an SPD run", header.get("method"))
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in header["config"].items()}
-    cfg = SPDConfig(**raw)
-    seeds = [int(s) for s in header["seeds"]]
-    model, target_cfg, target = load_or_train_target(header["target"], target_dir,
-                                                     progress=False)
-    t = from_equinox(model)
-    sites = _sites(t, target, dataclasses.replace(target_cfg, batch_size=1), cfg)
+    run = read_saved_run("load_spd_run", run_dir, "spd", SPDConfig, target_dir)
+    cfg, seeds = run.config, run.seeds
+    t = from_equinox(run.model)
+    sites = _sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1), cfg)
     like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, sites, cfg, k)),
                                  jnp.stack([seed_key(s) for s in seeds]))
-    comps, _ = io.load_tree(file, like)
-    return SPDRun(comps, cfg, seeds, model, target, target_cfg, sites)
+    comps, _ = io.load_tree(run.file, like)
+    return SPDRun(comps, cfg, seeds, run.model, run.target, run.target_config, sites)
 
 
 def _patterns(sites: apd.Sites, params: Any) -> dict[str, tuple[str, int]]:
