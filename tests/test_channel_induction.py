@@ -100,6 +100,23 @@ def test_cut_reproduces_the_model_and_linearisations(tiny, getkey):
         qk = channel_model_for("induction", model, attention="qk")
         _, jq = jax.jvp(qk.blocks[1], (r,), (t,))
         np.testing.assert_allclose(np.asarray(jt + jq), np.asarray(jf), rtol=1e-9, atol=1e-12)
+        # the QK path splits into Q- and K-composition; K alone against finite differences
+        # of the head with only its key input moved
+        lin = {a: jax.jvp(channel_model_for("induction", model, attention=a).blocks[1], (r,),
+                          (t,))[1] for a in ("q", "k")}
+        np.testing.assert_allclose(np.asarray(lin["q"] + lin["k"]), np.asarray(jq), rtol=1e-9,
+                                   atol=1e-12)
+
+        def keys_moved(e):
+            q, k, v = (r + pos) @ w_q, (r + e * t + pos) @ w_k, r @ w_v
+            n = r.shape[0]
+            scaled = q @ k.T / jnp.sqrt(float(w_q.shape[-1]))
+            scores = jnp.where(jnp.tril(jnp.ones((n, n), bool)), scaled, -jnp.inf)
+            return jax.nn.softmax(scores, axis=-1) @ v @ w_o
+
+        fd_k = (keys_moved(eps) - keys_moved(-eps)) / (2 * eps)
+        np.testing.assert_allclose(np.asarray(lin["k"]), np.asarray(fd_k), rtol=1e-6, atol=1e-8)
+        assert float(jnp.abs(lin["k"]).max()) > 1e-6 and float(jnp.abs(lin["q"]).max()) > 1e-6
 
 
 def test_in_context_losses_against_direct_ablation(tiny, getkey):

@@ -86,7 +86,7 @@ def test_modadd_head_linearisations_add_up(getkey):
     tok = _all_tokens(TINY_MODADD["p"])[5]
     with jax.enable_x64(True):
         m64 = to_float64(model)
-        cms = {a: modadd_model(m64, a) for a in ("full", "frozen_pattern", "qk")}
+        cms = {a: modadd_model(m64, a) for a in ("full", "frozen_pattern", "qk", "q", "k")}
         r = trace(cms["full"], tok).reads[0]
         t = jax.random.normal(getkey(), r.shape, jnp.float64)
         jv = {a: jax.jvp(cm.blocks[0], (r,), (t,))[1] for a, cm in cms.items()}
@@ -97,6 +97,8 @@ def test_modadd_head_linearisations_add_up(getkey):
         np.testing.assert_allclose(np.asarray(lin), 2.0 * np.asarray(jv["frozen_pattern"]),
                                    atol=1e-12)
         assert float(jnp.max(jnp.abs(jv["qk"]))) > 1e-8  # the QK path is not empty
+        np.testing.assert_allclose(np.asarray(jv["q"] + jv["k"]), np.asarray(jv["qk"]),
+                                   atol=1e-12)  # Q- plus K-composition
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])

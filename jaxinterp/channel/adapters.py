@@ -16,7 +16,9 @@ of the stream, so the head's value is unchanged and every JVP/VJP holds the patt
 its value at the point of linearisation (the head is linear in the stream through OV). ``qk`` is the
 complement (values from ``stop_gradient``: derivatives move the pattern only), so edges
 measure what a writer does through the head's QK read; ``full = frozen_pattern + qk``
-for every JVP. Values (and so compression, ablation and usage) are the same in all three.
+for every JVP. ``qk`` splits further into ``q`` (only the queries move: Q-composition)
+and ``k`` (only the keys move: K-composition), ``qk = q + k``. Values (and so
+compression, ablation and usage) are the same in all five.
 
 Every block is a :class:`Part`: a static function of (parameters, stream) together with
 its parameters, so it is a pytree and a pure function of ONE example's stream.
@@ -27,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +45,12 @@ from .model import ChannelModel
 __all__ = ["ATTENTION", "STREAMS", "Part", "attention_model", "channel_model_for", "head_name",
            "modadd_model", "resid_mlp_model", "resid_stream_basis"]
 
-ATTENTION = ("full", "frozen_pattern", "qk")
+ATTENTION = ("full", "frozen_pattern", "qk", "q", "k")
+# which of a head's reads move under each linearisation: head_forward's frozen flags
+_FROZEN = {"full": {}, "frozen_pattern": {"frozen_pattern": True},
+           "qk": {"frozen_values": True},
+           "q": {"frozen_values": True, "frozen_keys": True},
+           "k": {"frozen_values": True, "frozen_queries": True}}
 
 
 class Part(eqx.Module):
@@ -219,22 +227,14 @@ def _last_unembed(w: Any, r: Array) -> Array:
     return r[-1:] @ w
 
 
-def _head_full(p: Any, r: Array) -> Array:
+def _head(p: Any, r: Array, attention: str) -> Array:
     from ..models.induction import head_forward
 
-    return head_forward(*p, r)["out"]
+    return head_forward(*p, r, **_FROZEN[attention])["out"]
 
 
-def _head_frozen(p: Any, r: Array) -> Array:
-    from ..models.induction import head_forward
-
-    return head_forward(*p, r, frozen_pattern=True)["out"]
-
-
-def _head_qk(p: Any, r: Array) -> Array:
-    from ..models.induction import head_forward
-
-    return head_forward(*p, r, frozen_values=True)["out"]
+# one stable function object per linearisation (block functions are static pytree fields)
+_HEADS = {a: functools.partial(_head, attention=a) for a in ATTENTION}
 
 
 def head_name(layer: int, head: int) -> str:
@@ -253,7 +253,7 @@ def attention_model(model: Any, attention: str = "full") -> ChannelModel:
     from ..models.induction import sinusoidal_positions
 
     pos = sinusoidal_positions(model.n_ctx, model.W_E.shape[1], dtype)
-    fn = {"full": _head_full, "frozen_pattern": _head_frozen, "qk": _head_qk}[attention]
+    fn = _HEADS[attention]
     blocks, names, depths = [], [], []
     for i, at in enumerate(model.layers):
         for h in range(at.W_Q.shape[0]):
@@ -266,27 +266,18 @@ def attention_model(model: Any, attention: str = "full") -> ChannelModel:
 
 
 # --- one-layer transformer with biases (modadd) -------------------------------------
-def _modadd_head(p: Any, r: Array, frozen_pattern: bool, frozen_values: bool) -> Array:
+def _modadd_head(p: Any, r: Array, attention: str) -> Array:
     """:func:`~jaxinterp.models.induction.head_forward` with the head's biases; positions
     are part of ``embed``'s write here, so none are added to Q and K."""
     from ..models.induction import head_forward
 
     w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o = p
-    out = head_forward(w_q, w_k, w_v, w_o, 0.0, r, frozen_pattern=frozen_pattern,
-                       frozen_values=frozen_values, bias=(b_q, b_k, b_v))["out"]
+    out = head_forward(w_q, w_k, w_v, w_o, 0.0, r, bias=(b_q, b_k, b_v),
+                       **_FROZEN[attention])["out"]
     return out + b_o[None, :]
 
 
-def _modadd_head_full(p: Any, r: Array) -> Array:
-    return _modadd_head(p, r, False, False)
-
-
-def _modadd_head_frozen(p: Any, r: Array) -> Array:
-    return _modadd_head(p, r, True, False)
-
-
-def _modadd_head_qk(p: Any, r: Array) -> Array:
-    return _modadd_head(p, r, False, True)
+_MODADD_HEADS = {a: functools.partial(_modadd_head, attention=a) for a in ATTENTION}
 
 
 def _modadd_embed(p: Any, tokens: Array) -> Array:
@@ -324,8 +315,7 @@ def modadd_model(model: Any, attention: str = "full") -> ChannelModel:
                    "channel cut)", got)
     at, mlp = model.blocks[0].attn, model.blocks[0].mlp
     n_heads = at.W_Q.shape[0]
-    fn = {"full": _modadd_head_full, "frozen_pattern": _modadd_head_frozen,
-          "qk": _modadd_head_qk}[attention]
+    fn = _MODADD_HEADS[attention]
     heads = tuple(Part((at.W_Q[h], at.W_K[h], at.W_V[h], at.W_O[h], at.b_Q[h], at.b_K[h],
                         at.b_V[h], at.b_O / n_heads), fn) for h in range(n_heads))
     return ChannelModel(
@@ -345,8 +335,9 @@ def channel_model_for(name: str, model: Any, *, attention: str = "full",
     Args:
         name: the registered target name.
         model: its model.
-        attention: ``full``, ``frozen_pattern`` (OV only) or ``qk`` (pattern only)
-            linearisation of attention heads.
+        attention: ``full``, ``frozen_pattern`` (OV only), ``qk`` (pattern only), ``q``
+            or ``k`` (pattern through the queries or the keys only) linearisation of
+            attention heads.
         stream: ``span`` or ``full`` stream coordinates of ``resid-mlp-*`` (see
             :func:`resid_mlp_model`; ``None``: ``span``); other targets take ``None``.
 

@@ -53,8 +53,8 @@ class ChannelGraphConfig:
         eta: explained fraction that sets the ranks.
         node_rank: graph nodes are the ``numerical``-rank (default) or ``eta``-rank write
             channels.
-        attention: ``full``, ``frozen_pattern`` or ``qk`` (attention targets; see
-            :mod:`.adapters`).
+        attention: ``full``, ``frozen_pattern``, ``qk``, ``q`` or ``k`` (attention
+            targets; see :mod:`.adapters`).
         stream: ``resid-mlp-*`` stream coordinates, ``span`` (exact, the default) or
             ``full`` (see :func:`~.adapters.resid_mlp_model`); ``None`` for other
             targets.

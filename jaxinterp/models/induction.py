@@ -76,6 +76,7 @@ class Attention(eqx.Module):
 
 def head_forward(w_q: Array, w_k: Array, w_v: Array, w_o: Array, pos: Array | float,
                  r: Array, *, frozen_pattern: bool = False, frozen_values: bool = False,
+                 frozen_queries: bool = False, frozen_keys: bool = False,
                  bias: tuple[Array, Array, Array] | None = None) -> dict[str, Array]:
     """One head on one example's stream.
 
@@ -88,6 +89,10 @@ def head_forward(w_q: Array, w_k: Array, w_v: Array, w_o: Array, pos: Array | fl
             linear in ``r`` through OV).
         frozen_values: compute the values from ``stop_gradient(r)``: derivatives move
             the pattern only (the QK path). The full Jacobian is the sum of the two.
+        frozen_queries, frozen_keys: compute the queries (keys) from
+            ``stop_gradient(r)``: with ``frozen_values``, derivatives move the pattern
+            through the keys only (K-composition) or the queries only (Q-composition);
+            the QK path is the sum of those two.
         bias: ``(b_q, b_k, b_v)``, each ``(d_head,)``, added to q, k and v (None: none).
 
     Returns:
@@ -95,8 +100,9 @@ def head_forward(w_q: Array, w_k: Array, w_v: Array, w_o: Array, pos: Array | fl
         "z": (P, d_head), "out": (P, d_model)}``.
     """
     x = r + pos
-    xp = jax.lax.stop_gradient(x) if frozen_pattern else x
-    q, k = xp @ w_q, xp @ w_k
+    held = jax.lax.stop_gradient(x)
+    q = (held if frozen_pattern or frozen_queries else x) @ w_q
+    k = (held if frozen_pattern or frozen_keys else x) @ w_k
     v = (jax.lax.stop_gradient(r) if frozen_values else r) @ w_v
     if bias is not None:
         q, k, v = q + bias[0][None, :], k + bias[1][None, :], v + bias[2][None, :]
