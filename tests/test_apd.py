@@ -211,7 +211,8 @@ def test_sparse_masked_matmul_equals_the_dense_sum(pos, getkey):
     gives the dense masked sum's values and gradients, with a position axis, under an
     outer vmap over seeds with jit, called on one example, and with fewer active pairs
     than its budget."""
-    from jaxinterp.decomposition.sparse_mask import _dense, masked_lowrank_matmul
+    from jaxinterp.decomposition.sparse_mask import masked_lowrank_matmul
+    from jaxinterp.decomposition.weights import lowrank_matmul as dense
 
     n, C, d_in, m, d_out = 16, 7, 5, 3, 4
     a = jax.random.normal(getkey(), (n, *pos, d_in), jnp.float64)
@@ -230,12 +231,12 @@ def test_sparse_masked_matmul_equals_the_dense_sum(pos, getkey):
     seeds = jax.jit(jax.vmap(jax.grad(loss, argnums=(1, 2, 3)), in_axes=(None, None, 0, 0)),
                     static_argnums=0)
     for fn, args in ((one_seed, (a, A[0], B[0])), (seeds, (a, A, B))):
-        ref, got = fn(_dense, *args), fn(sparse, *args)
+        ref, got = fn(dense, *args), fn(sparse, *args)
         for r, g in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got),
                         strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
     one = masked_lowrank_matmul(a[0], mask[0], A[0], B[0], max_active=k)
-    np.testing.assert_allclose(one, _dense(a[0], mask[0], A[0], B[0]), rtol=1e-12)
+    np.testing.assert_allclose(one, dense(a[0], mask[0], A[0], B[0]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["tms-5-2", "resid"])

@@ -224,12 +224,17 @@ def attributions(apply: Callable, params: PyTree, sites: Sites, comps: APDCompon
     return attr, y_t, cache_t
 
 
+def _batch_topk_count(k: float, b: int) -> int:
+    """``K = floor(k * batch)``: the entries batch top-k keeps."""
+    return int(math.floor(k * b))
+
+
 def batch_topk_mask(attr: Array, k: float) -> Array:
     """Binary ``(batch, C)`` mask keeping exactly ``K = floor(k * batch)`` largest entries
     over the whole batch (ties broken by position, never by thresholding)."""
     check_positive("batch_topk_mask", "k", k)
     b, c = attr.shape
-    n_keep = int(math.floor(k * b))
+    n_keep = _batch_topk_count(k, b)
     if not 1 <= n_keep <= b * c:
         raise fail("batch_topk_mask", "k", f"with 1 <= floor(k * batch) <= batch * C = {b * c}",
                    f"k={k} (K={n_keep})")
@@ -339,10 +344,8 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
         mask = jax.lax.stop_gradient(mask)
     aux["n_active"] = jnp.mean(jnp.sum(mask > 0, axis=-1).astype(jnp.float32))
 
-    active = None if lp_mode else _max_active(cfg, b, attr.shape[1])
-
-    def masked_forward(xx, s, sparse=False):
-        w = {p: comps.weight(p, s, max_active=active if sparse else None) for p in sites.paths}
+    def masked_forward(xx, s, max_active=None):
+        w = {p: comps.weight(p, s, max_active=max_active) for p in sites.paths}
         return forward_sites(apply, params, xx, sites.paths, weights=w)
 
     if cfg.c_faith is not None:
@@ -351,7 +354,8 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
     need_masked = not lp_mode and (cfg.c_topk is not None or cfg.c_act is not None)
     need_full = cfg.c_out is not None or (lp_mode and cfg.c_act is not None)
     if need_masked:
-        y_m, cache_m = jax.vmap(lambda xx, s: masked_forward(xx, s, active is not None))(x, mask)
+        active = _max_active(cfg, b, attr.shape[1])
+        y_m, cache_m = jax.vmap(lambda xx, s: masked_forward(xx, s, active))(x, mask)
         if cfg.c_topk is not None:
             aux["topk_recon"] = jnp.mean((y_m - y_t) ** 2)
             total = total + cfg.c_topk * aux["topk_recon"]
@@ -381,7 +385,7 @@ def _max_active(cfg: APDLossConfig, b: int, c: int) -> int | None:
     None means at most an eighth of the ``batch x C`` entries)."""
     if cfg.sparse_topk is False or cfg.exact_topk:
         return None
-    k = int(cfg.topk) * b if cfg.topk_mode == "sample" else int(math.floor(cfg.topk * b))
+    k = int(cfg.topk) * b if cfg.topk_mode == "sample" else _batch_topk_count(cfg.topk, b)
     k = min(k + (b if cfg.distil_from_target else 0), b * c)
     return k if cfg.sparse_topk or 8 * k <= b * c else None
 

@@ -29,13 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array
+from .weights import lowrank_matmul
 
 __all__ = ["masked_lowrank_matmul"]
-
-
-def _dense(a: Array, mask: Array, A: Array, B: Array) -> Array:  # noqa: N803
-    inner = jnp.einsum("...i,cim->...cm", a, A)
-    return jnp.einsum("...cm,c,cmo->...o", inner, mask, B)
 
 
 def _dense_bwd(a: Array, mask: Array, A: Array, B: Array, g: Array  # noqa: N803
@@ -68,7 +64,7 @@ def _ops(k: int):
 
     @jax.custom_batching.custom_vmap
     def fwd(a, mask, A, B):  # noqa: N803
-        return _dense(a, mask, A, B)
+        return lowrank_matmul(a, mask, A, B)
 
     @fwd.def_vmap
     def fwd_rule(axis_size, in_batched, a, mask, A, B):  # noqa: N803
@@ -76,7 +72,7 @@ def _ops(k: int):
         if A_b or B_b or not m_b:
             a = a if a_b else jnp.broadcast_to(a, (axis_size, *a.shape))
             mask = mask if m_b else jnp.broadcast_to(mask, (axis_size, *mask.shape))
-            return jax.vmap(_dense, in_axes=(0, 0, 0 if A_b else None, 0 if B_b else None)
+            return jax.vmap(lowrank_matmul, in_axes=(0, 0, 0 if A_b else None, 0 if B_b else None)
                             )(a, mask, A, B), True
         n, c, w = _pairs(mask, k)
         an = a[n] if a_b else jnp.broadcast_to(a, (k, *a.shape))

@@ -37,6 +37,7 @@ from .._types import Array, PyTree
 
 __all__ = [
     "LowRankWeight",
+    "lowrank_matmul",
     "one_hot_rows",
     "WeightSite",
     "site_name",
@@ -80,6 +81,13 @@ class Sink:
         self.records: list[tuple[str, Array, Array]] = []
 
 
+def lowrank_matmul(a: Array, mask: Array, A: Array, B: Array) -> Array:  # noqa: N803
+    """``sum_c mask[c] * (a @ A[c]) @ B[c]`` for ``a: (..., d_in)``, ``mask: (C,)``,
+    ``A: (C, d_in, m)``, ``B: (C, m, d_out)``, without forming the ``d_in x d_out`` matrix."""
+    inner = jnp.einsum("...i,cim->...cm", a, A)
+    return jnp.einsum("...cm,c,cmo->...o", inner, mask, B)
+
+
 class LowRankWeight(eqx.Module):
     """``W = sum_c mask[c] * A[c] @ B[c]`` used as ``a @ W`` without forming ``W``.
 
@@ -120,8 +128,7 @@ class LowRankWeight(eqx.Module):
             from .sparse_mask import masked_lowrank_matmul
 
             return masked_lowrank_matmul(a, self.mask, self.A, self.B, max_active=self.max_active)
-        inner = jnp.einsum("...i,cim->...cm", a, self.A)
-        return jnp.einsum("...cm,c,cmo->...o", inner, self.mask, self.B)
+        return lowrank_matmul(a, self.mask, self.A, self.B)
 
     def __getitem__(self, idx: Any) -> Array:
         """Embedding lookup ``W[idx]``, computed as ``one_hot(idx) @ W``."""
