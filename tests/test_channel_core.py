@@ -196,7 +196,7 @@ def test_usage_matrix_smallest_covering_set():
 @pytest.mark.parametrize("kwargs,match", [
     ({"metric": "fisher"}, "metric"), ({"eta": 0.0}, "eta"), ({"prune": "all"}, "prune"),
     ({"n_null": 0}, "n_null"), ({"attention": "frozen"}, "attention"),
-    ({"node_rank": "all"}, "node_rank"),
+    ({"node_rank": "all"}, "node_rank"), ({"refine": -1}, "refine"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -25,6 +25,7 @@ from . import modules as modules
 from . import pipeline as pipeline
 from . import randomized as randomized
 from . import recovery as recovery
+from . import refine as refine
 from . import run as run
 from . import stats as stats
 from . import subspaces as subspaces
@@ -41,6 +42,7 @@ from .model import ChannelModel as ChannelModel
 from .model import trace as trace
 from .pipeline import ChannelGraphConfig as ChannelGraphConfig
 from .pipeline import channel_graph as channel_graph
+from .refine import refine_channels as refine_channels
 from .run import channel_graph_config as channel_graph_config
 from .run import run_channel_graph as run_channel_graph
 from .stats import channel_stats as channel_stats

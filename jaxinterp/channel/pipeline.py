@@ -27,6 +27,7 @@ from .edges import NULL_SPACES, CausalEdges, causal_edges, geometric_edges, vari
 from .model import ChannelModel
 from .modules import channel_modules
 from .randomized import SOLVERS, randomized_read_channels
+from .refine import Refinement, refine_channels, refined_compression
 from .stats import METRICS, PROBES, ChannelStats, channel_stats
 from .subspaces import NODE_RANKS, ChannelSet, channels_from_stats
 from .usage import (
@@ -69,6 +70,9 @@ class ChannelGraphConfig:
             LIB edge code and this quadrature rule (``gradient``, ``trapezoidal``,
             ``gauss_legendre``; sequential models only, see :mod:`.direction`); ``None``:
             off.
+        refine: HOOI alternations of the optional joint refinement of every block's read
+            and write subspaces at its ``eta`` ranks (:mod:`.refine`; its compression
+            test goes to ``compression["refined"]``); ``None``: off.
         chunk_size: examples per chunk of the float64 passes.
         plots: write figures.
     """
@@ -96,6 +100,7 @@ class ChannelGraphConfig:
     usage_frac: float = 0.9
     direction_rule: str | None = None
     direction_intervals: int = 0
+    refine: int | None = None
     chunk_size: int = 128
     plots: bool = True
 
@@ -119,6 +124,8 @@ class ChannelGraphConfig:
             check_in(fn, "direction_rule", self.direction_rule, RULES)
         if self.n_data is not None:
             check_positive(fn, "n_data", self.n_data, integer=True)
+        if self.refine is not None:
+            check_nonnegative(fn, "refine", self.refine, integer=True)
         if not 0.0 < self.eta <= 1.0:
             raise fail(fn, "eta", "in (0, 1]", self.eta)
         if not 0.0 < self.usage_frac <= 1.0:
@@ -145,6 +152,7 @@ class ChannelAnalysis(NamedTuple):
     clusters: dict[str, Any] | None
     seconds: dict[str, float]
     direction: dict[tuple[int, int], np.ndarray] | None = None
+    refinement: Refinement | None = None
 
 
 def channel_components(cg: ChannelGraph) -> list[list[str]]:
@@ -199,6 +207,14 @@ def channel_graph(
     t = time.perf_counter()
     comp = compression_curves(model, cs, xs, chunk_size=4 * cfg.chunk_size)
     sec["compression"] = time.perf_counter() - t
+    refinement = None
+    if cfg.refine is not None:
+        t = time.perf_counter()
+        refinement = refine_channels(model, xs, stats, cs, n_iter=cfg.refine,
+                                     chunk_size=cfg.chunk_size)
+        comp["refined"] = refined_compression(model, refinement, xs,
+                                              chunk_size=4 * cfg.chunk_size)
+        sec["refine"] = time.perf_counter() - t
     tick()
     t = time.perf_counter()
     geo, share = geometric_edges(model, cs), variance_share(model, cs)
@@ -236,4 +252,4 @@ def channel_graph(
                                     chunk_size=cfg.chunk_size)
         sec["direction_edges"] = time.perf_counter() - t
     return ChannelAnalysis(stats, cs, comp, geo, share, ce, cg, comps, ccomps, mods, act, use,
-                           circuits, checks, clusters, sec, direction)
+                           circuits, checks, clusters, sec, direction, refinement)
