@@ -115,6 +115,19 @@ def test_gradient_attributions_equal_dense_jacobian_both_modes(name, kind, getke
         np.testing.assert_allclose(attr, ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("m", [1, 2, 6])  # m = 1: factored order; m = 6: dense order
+def test_component_tangents_both_orders_equal_dense_products(m, getkey):
+    A = {"w": jax.random.normal(getkey(), (4, 5, m))}
+    B = {"w": jax.random.normal(getkey(), (4, m, 3))}
+    comps = apd.APDComponents(A, B)
+    a = jax.random.normal(getkey(), (7, 5))  # a position axis
+    for site, want in (("w", jnp.einsum("pi,cio->cpo", a, comps.matrices("w"))),
+                       ("w:T", jnp.einsum("po,cio->cpi", a[:, :3], comps.matrices("w")))):
+        inp = a if site == "w" else a[:, :3]
+        got = apd.component_tangents(comps, {site: inp})[site]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_activation_and_ablation_attributions_match_definitions(getkey):
     _, _, t, paths, sites, x = case("resid", getkey)
     comps = random_components(t, paths, 5, 2, getkey())

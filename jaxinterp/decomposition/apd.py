@@ -147,12 +147,27 @@ def init_components(params: PyTree, paths: Sequence[str], C: int, m: int, *,
 
 
 def component_tangents(comps: APDComponents, inputs: dict[str, Array]) -> dict[str, Array]:
-    """``t_{c,l} = a_l @ P_{c,l}`` for every site, shape ``(C, *h_l)``, via ``(a A_c) B_c``."""
+    """``t_{c,l} = a_l @ P_{c,l}`` for every site, shape ``(C, *h_l)``.
+
+    Per site: ``(a A_c) B_c`` (two products per example), or the dense ``P_c = A_c B_c``
+    (formed once, outside any vmap over examples) and ONE product ``a @ [P_1 ... P_C]``
+    when that needs no more multiply-adds (``d_in d_out <= m (d_in + d_out)``) and the
+    stacked ``P`` is small (``C d_in d_out <= 2^20``). The dense order is one large
+    matmul without the transpose of the batched ``(., C, m)`` middle: on CPU the
+    tangents of TMS 40-10 (C = 50, m = 11, batch 2048) take 1.2 ms instead of 12.7 ms;
+    for resid-mlp-1 (``P`` of 6.5M floats per site) the factored order stays faster
+    (237 vs 268 ms per step).
+    """
     out = {}
     for site, a in inputs.items():
         A, B = comps.site_factors(site)
-        inner = jnp.einsum("...i,cim->c...m", a, A)
-        out[site] = jnp.einsum("c...m,cmo->c...o", inner, B)
+        d_in, m = A.shape[1:]
+        d_out = B.shape[2]
+        if d_in * d_out <= m * (d_in + d_out) and A.shape[0] * d_in * d_out <= 1 << 20:
+            out[site] = jnp.einsum("...i,cio->c...o", a, jnp.einsum("cim,cmo->cio", A, B))
+        else:
+            inner = jnp.einsum("...i,cim->c...m", a, A)
+            out[site] = jnp.einsum("c...m,cmo->c...o", inner, B)
     return out
 
 
