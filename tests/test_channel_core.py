@@ -187,6 +187,22 @@ def test_sequential_graph_is_a_shared_graph(mlp, getkey):
     assert g.names == cm.node_names and len(g.edges) == cm.n_blocks + 1
 
 
+def test_position_activity_without_positions_is_activity(planted, getkey):
+    from jaxinterp.channel.assemble import assemble
+    from jaxinterp.channel.usage import activity, position_activity
+
+    _, cm, xs, st = planted
+    cs = channels_from_stats(st, cm.node_names)
+    ce = causal_edges(cm, cs, xs, n_null=2, key=getkey())
+    cg = assemble(cm, cs, ce, prune="roundoff")
+    means = [c.write_mean for c in cs.nodes]
+    key = getkey()
+    full = activity(cm, cg, xs, means, key=key)
+    per, ids = position_activity(cm, cg, xs, means, key=key)
+    assert per.shape == (xs.shape[0], 1, len(ids)) and ids == list(cg.node_ids[: len(ids)])
+    np.testing.assert_allclose(per[:, 0], full[:, : len(ids)], rtol=1e-12, atol=1e-300)
+
+
 def test_usage_matrix_smallest_covering_set():
     act = np.array([[5.0, 3.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     u = usage_matrix(act, 0.75)

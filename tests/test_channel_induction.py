@@ -162,3 +162,25 @@ def test_in_context_losses_against_direct_ablation(tiny, getkey):
     assert len(rec["recovery_by_write_rank"]) == max(cs.graph_rank(1), cs.graph_rank(2))
     with pytest.raises(ValueError, match="projectors"):
         in_context_losses(cm, tok, labels, [((), ())])
+
+
+def test_position_usage_of_the_heads(tiny, getkey):
+    from jaxinterp.channel.induction import position_usage
+    from jaxinterp.channel.pipeline import ChannelGraphConfig, channel_graph
+
+    model, tok = tiny
+    with jax.enable_x64(True):
+        cm = channel_model_for("induction", model)
+    cfg = ChannelGraphConfig(probes="random", n_probes=8, n_null=2, n_null_graphs=0,
+                             usage=False, prune="roundoff", plots=False)
+    res = channel_graph(cm, tok, cfg, key=getkey())
+    pu = position_usage(model, res, tok, cm.node_names,
+                        {"prev": "L0H0", "ind": "L1H0"})
+    # the last layer's write reaches the output (read at the last position) only from
+    # the last position, so the induction head is used nowhere else
+    assert pu["ind"]["rows_used"] > 0 and pu["ind"]["at_last"] == 1.0
+    assert pu["ind"]["recall_last"] == pytest.approx(pu["ind"]["rows_used"] * tok.shape[1])
+    for role in ("prev", "ind"):
+        for key in ("precision_repeated", "at_m", "at_last"):
+            v = pu[role][key]
+            assert v is None or 0.0 <= v <= 1.0

@@ -21,6 +21,12 @@ section 8, ``specs/channel-graph.md`` T7).
   the co-usage circuits of section 5 (every channel outside the circuit, ``embed``'s
   included, mean-ablated), and each head's top ``r`` write channels for ``r = 1, 2,
   ...`` (``recovery_by_write_rank``). Necessity: each head mean-ablated alone.
+* **Per-position usage** (T7's usage hypothesis): the section 5 usage rule applied to
+  every (example, position) row of the writers' per-position activities
+  (:func:`~.usage.position_activity`); for each head, the rows where any of its channels
+  is used, and the fraction of them at repeated-token positions (the token occurred
+  earlier in the sequence; the spec's precision), at the position of ``M`` and at the
+  last position.
 
 References:
     Olsson et al. (2022), "In-context Learning and Induction Heads" (arXiv 2209.11895);
@@ -46,7 +52,7 @@ from .adapters import as_float, head_name
 from .model import ChannelModel, to_float64, trace
 from .pipeline import ChannelAnalysis
 
-__all__ = ["head_roles", "in_context_losses", "induction_recovery"]
+__all__ = ["head_roles", "in_context_losses", "induction_recovery", "position_usage"]
 
 Config = tuple[tuple[Any, ...], tuple[Any, ...]]  # (write projectors 0..n, read projectors 1..n)
 
@@ -178,6 +184,57 @@ def _writer_edges(res: ChannelAnalysis, names: tuple[str, ...], b: int) -> dict[
     return out
 
 
+def position_usage(model: Any, res: ChannelAnalysis, xs: Any, names: tuple[str, ...],
+                   heads: dict[str, str], *, attention: str = "full", frac: float = 0.9,
+                   n_ref: int = 4, key: Any = None) -> dict[str, Any]:
+    """T7's usage hypothesis on the induction task: where the heads' channels are used.
+
+    Args:
+        model: the induction transformer; res: its channel-graph analysis; xs: tokens
+            ``(N, P)``; names: node names; heads: ``{role: head name}``.
+        attention: the linearisation of ``res``.
+        frac: the usage rule's activity fraction.
+        n_ref, key: references of ``D`` (default key 0).
+
+    Returns:
+        per role: ``rows_used`` (fraction of (example, position) rows using the head),
+        ``precision_repeated`` (fraction of those rows at repeated-token positions),
+        ``at_m`` and ``at_last`` (fractions at the position of ``M`` and at the last
+        position), ``recall_last`` (fraction of examples whose last position uses it);
+        plus ``repeated_fraction`` (of all rows).
+    """
+    from .adapters import channel_model_for
+    from .usage import position_activity, usage_matrix
+
+    tokens = np.asarray(xs)
+    with jax.enable_x64(True):
+        cm = channel_model_for("induction", model, attention=attention)
+    key = jax.random.key(0) if key is None else key
+    act, ids = position_activity(cm, res.graph, jnp.asarray(tokens),
+                                 [c.write_mean for c in res.channels.nodes], n_ref=n_ref,
+                                 key=key)
+    n, p, m = act.shape
+    use = usage_matrix(act.reshape(n * p, m), frac).reshape(n, p, m)
+    earlier = np.array([[tok[t] in set(tok[:t]) for t in range(p)] for tok in tokens])
+    first_s = np.argmax(tokens == model.special, axis=1)
+    pos = np.arange(p)[None, :]
+    at_m, at_last = pos == (first_s + 1)[:, None], pos == p - 1
+    out: dict[str, Any] = {"repeated_fraction": float(earlier.mean())}
+    for role, head in heads.items():
+        cols = [i for i, u in enumerate(ids) if parse_node_id(u)[0] == head]
+        used = use[:, :, cols].any(axis=-1)
+        k = int(used.sum())
+        out[role] = {
+            "head": head,
+            "rows_used": float(used.mean()),
+            "precision_repeated": float((used & earlier).sum() / k) if k else None,
+            "at_m": float((used & at_m).sum() / k) if k else None,
+            "at_last": float((used & at_last).sum() / k) if k else None,
+            "recall_last": float(used[:, -1].mean()),
+        }
+    return out
+
+
 def induction_recovery(model: Any, res: ChannelAnalysis, xs: Any, names: tuple[str, ...], *,
                        attention: str = "full") -> dict[str, Any]:
     """The induction checks of a channel-graph analysis ``res`` of the ``induction``
@@ -248,4 +305,8 @@ def induction_recovery(model: Any, res: ChannelAnalysis, xs: Any, names: tuple[s
         "necessity": {k: rec(k) for k in ("ablate_prev_token", "ablate_induction")},
         "eta_ranks": {names[k]: [eta_in[k], len(eta_out[k])] for k in (prev, ind)},
         "co_usage": [{"members": c["members"], "support": c["support"]} for c in circuits],
+        "position_usage": None if res.graph is None else position_usage(
+            model, res, tokens, names, {"prev_token_head": roles["prev_token_head"],
+                                        "induction_head": roles["induction_head"]},
+            attention=attention),
     }

@@ -35,7 +35,8 @@ from .edges import reference_outputs
 from .model import ChannelModel, divergence, to_float64, trace
 from .stats import zero_deltas
 
-__all__ = ["ablation_check", "activity", "co_usage_circuits", "data_clusters", "usage_matrix"]
+__all__ = ["ablation_check", "activity", "co_usage_circuits", "data_clusters",
+           "position_activity", "usage_matrix"]
 
 
 def _arrays(cg: ChannelGraph) -> tuple[list[Array], list[Array], list[Array]]:
@@ -80,6 +81,45 @@ def activity(model: ChannelModel, cg: ChannelGraph, xs: Any, write_means: Sequen
         means = [jnp.asarray(m) for m in write_means]
         y_refs = reference_outputs(m64, xs, n_ref, key=key)
         return np.asarray(_activity(m64, omegas, readouts, means, xs, y_refs, batch_size))
+
+
+@eqx.filter_jit
+def _position_activity(model, omegas, readouts, means, xs, y_refs, batch):
+    def one(inp):
+        x, yr = inp
+        tr = trace(model, x)
+        grads = jax.grad(lambda d: divergence(model.output, trace(model, x, deltas=d).y, yr))(
+            zero_deltas(model, x))
+        acts = []
+        for k, o in enumerate(tr.writes):
+            c = (o - means[k][None, :]) @ readouts[k]
+            acts.append(jnp.abs(c * (grads[k] @ omegas[k])))
+        return jnp.concatenate(acts, axis=-1)
+
+    return jax.lax.map(one, (xs, y_refs), batch_size=batch)
+
+
+def position_activity(model: ChannelModel, cg: ChannelGraph, xs: Any,
+                      write_means: Sequence[Any], *, n_ref: int = 4, batch_size: int = 64,
+                      key: Key) -> tuple[np.ndarray, list[str]]:
+    """Per-position activities of the writers' channels (``embed`` and the blocks; not
+    ``unembed``, whose "write" is the output): ``|c_j(x, s) g_b(x, s)^T omega_j|`` without
+    the sum over positions ``s`` of :func:`activity`.
+
+    Returns:
+        ``((N, P, n), ids)``: activities and the node ids of the ``n`` columns (the
+        writers' part of ``cg.node_ids``, in order).
+    """
+    check_positive("position_activity", "batch_size", batch_size, integer=True)
+    with jax.enable_x64(True):
+        m64, xs = to_float64(model), as_float(xs)
+        omegas, readouts, _ = _arrays(cg)
+        k = model.n_blocks + 1
+        means = [jnp.asarray(m) for m in write_means[:k]]
+        y_refs = reference_outputs(m64, xs, n_ref, key=key)
+        act = _position_activity(m64, omegas[:k], readouts[:k], means, xs, y_refs, batch_size)
+    ids = [u for la in cg.layers[:k] for u in la.ids]
+    return np.asarray(act), ids
 
 
 def usage_matrix(act: np.ndarray, frac: float = 0.9, *, rtol: float = 1e-9) -> np.ndarray:
