@@ -322,6 +322,10 @@ def test_mmcs_ml2r_and_neuron_contributions_by_hand():
     m = mmcs_ml2r(w, p)
     np.testing.assert_allclose(m["mmcs"], (1.0 + 1 / np.sqrt(2)) / 2)
     np.testing.assert_allclose(m["ml2r"], (0.5 + np.sqrt(2) / 2) / 2)
+    assert (m["n_features_own"], m["n_features_shared"], m["n_features_poor"]) == (1, 0, 1)
+    assert m["ml2r_own"] == pytest.approx(0.5)
+    shared = mmcs_ml2r(w, np.stack([np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros((2, 2))]))
+    assert (shared["n_features_own"], shared["n_features_shared"]) == (0, 2)
     W_E = jnp.eye(2)
     nc = neuron_contributions(W_E, jnp.array([[2.0, 0.0], [0.0, 1.0]]),
                               jnp.array([[3.0, 0.0], [0.0, -1.0]]))

@@ -26,8 +26,14 @@ from .weights import forward_sites
 __all__ = ["mmcs_ml2r", "evaluate_apd", "neuron_contributions", "one_hot_attributions"]
 
 
-def mmcs_ml2r(w: Array, p: Array) -> dict[str, float]:
-    """Mean max cosine similarity and mean L2 ratio of the best-matching component rows.
+CLEAN_COS = 0.99  # a feature's best component "carries" it above this cosine
+
+
+def mmcs_ml2r(w: Array, p: Array) -> dict[str, Any]:
+    """Mean max cosine similarity and mean L2 ratio of the best-matching component rows,
+    and where the failures are: ``n_features_own`` (best component unshared with cosine
+    >= 0.99, with their ``ml2r_own``), ``n_features_shared`` (best component is also
+    another feature's best) and ``n_features_poor`` (unshared, cosine below 0.99).
 
     Args:
         w: target rows ``(n_features, d)`` (TMS: ``W_enc``).
@@ -41,8 +47,13 @@ def mmcs_ml2r(w: Array, p: Array) -> dict[str, float]:
     f = np.arange(w.shape[0])
     best_cos = cos[best, f]
     ratio = pn[best, f] / wn
+    shared = np.bincount(best, minlength=p.shape[0])[best] > 1
+    own = ~shared & (best_cos >= CLEAN_COS)
     return {"mmcs": float(best_cos.mean()), "mmcs_std": float(best_cos.std()),
-            "ml2r": float(ratio.mean()), "ml2r_std": float(ratio.std())}
+            "ml2r": float(ratio.mean()), "ml2r_std": float(ratio.std()),
+            "n_features_own": int(own.sum()), "n_features_shared": int(shared.sum()),
+            "n_features_poor": int((~shared & ~own).sum()),
+            "ml2r_own": float(ratio[own].mean()) if own.any() else None}
 
 
 def one_hot_attributions(comps: apd.APDComponents, apply: Any, params: Any,
