@@ -46,7 +46,9 @@ def _arrays(cg: ChannelGraph) -> tuple[list[Array], list[Array], list[Array]]:
 
 
 @eqx.filter_jit
-def _activity(model, omegas, readouts, means, xs, y_refs, batch):
+def _activity(model, omegas, readouts, means, xs, y_refs, batch, per_position=False):
+    """Per example ``|c_j g^T omega_j|`` of the first ``len(omegas)`` nodes (writes, then
+    ``y``): summed over positions inside the ``|.|``, or per position (``(P, n)``)."""
     def one(inp):
         x, yr = inp
         tr = trace(model, x)
@@ -54,10 +56,11 @@ def _activity(model, omegas, readouts, means, xs, y_refs, batch):
             zero_deltas(model, x))
         outs = (*tr.writes, tr.y)
         acts = []
-        for k, (o, g) in enumerate(zip(outs, grads, strict=True)):
-            c = (o - means[k][None, :]) @ readouts[k]
-            acts.append(jnp.abs(jnp.sum(c * (g @ omegas[k]), axis=0)))
-        return jnp.concatenate(acts)
+        for k in range(len(omegas)):
+            c = (outs[k] - means[k][None, :]) @ readouts[k]
+            v = c * (grads[k] @ omegas[k])
+            acts.append(v if per_position else jnp.sum(v, axis=0))
+        return jnp.abs(jnp.concatenate(acts, axis=-1))
 
     return jax.lax.map(one, (xs, y_refs), batch_size=batch)
 
@@ -83,22 +86,6 @@ def activity(model: ChannelModel, cg: ChannelGraph, xs: Any, write_means: Sequen
         return np.asarray(_activity(m64, omegas, readouts, means, xs, y_refs, batch_size))
 
 
-@eqx.filter_jit
-def _position_activity(model, omegas, readouts, means, xs, y_refs, batch):
-    def one(inp):
-        x, yr = inp
-        tr = trace(model, x)
-        grads = jax.grad(lambda d: divergence(model.output, trace(model, x, deltas=d).y, yr))(
-            zero_deltas(model, x))
-        acts = []
-        for k, o in enumerate(tr.writes):
-            c = (o - means[k][None, :]) @ readouts[k]
-            acts.append(jnp.abs(c * (grads[k] @ omegas[k])))
-        return jnp.concatenate(acts, axis=-1)
-
-    return jax.lax.map(one, (xs, y_refs), batch_size=batch)
-
-
 def position_activity(model: ChannelModel, cg: ChannelGraph, xs: Any,
                       write_means: Sequence[Any], *, n_ref: int = 4, batch_size: int = 64,
                       key: Key) -> tuple[np.ndarray, list[str]]:
@@ -117,7 +104,7 @@ def position_activity(model: ChannelModel, cg: ChannelGraph, xs: Any,
         k = model.n_blocks + 1
         means = [jnp.asarray(m) for m in write_means[:k]]
         y_refs = reference_outputs(m64, xs, n_ref, key=key)
-        act = _position_activity(m64, omegas[:k], readouts[:k], means, xs, y_refs, batch_size)
+        act = _activity(m64, omegas[:k], readouts[:k], means, xs, y_refs, batch_size, True)
     ids = [u for la in cg.layers[:k] for u in la.ids]
     return np.asarray(act), ids
 
