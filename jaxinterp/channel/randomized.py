@@ -29,7 +29,7 @@ from ..lib.stats import chunked_sum, einsum64, sign_fix
 from .adapters import as_float
 from .model import ChannelModel, to_float64, trace
 from .stats import METRICS, ChannelStats, reader_pullbacks
-from .subspaces import ChannelSet, _nested_orth, support_sqrt
+from .subspaces import ChannelSet, nested_orth, support_sqrt
 
 __all__ = ["SOLVERS", "randomized_eigh", "randomized_read_channels", "sensitivity_matmat"]
 
@@ -121,6 +121,6 @@ def randomized_read_channels(model: ChannelModel, xs: Any, stats: ChannelStats,
         qt = sign_fix(q @ u[:, order])
         rho = e @ (qt / s[:, None])
         nodes[k] = nodes[k]._replace(read_lambdas=np.maximum(vals[order], 0.0),
-                                     read_covectors=rho, V=_nested_orth(rho))
+                                     read_covectors=rho, V=nested_orth(rho))
     return cs._replace(nodes=tuple(nodes))
 

@@ -55,7 +55,7 @@ from .adapters import as_float
 from .compression import compression_delta
 from .model import ChannelModel, to_float64, trace
 from .stats import ChannelStats
-from .subspaces import ChannelSet, NodeChannels, _nested_orth, eigen_channels, support_sqrt
+from .subspaces import ChannelSet, NodeChannels, eigen_channels, nested_orth, support_sqrt
 
 __all__ = ["Refinement", "reduced_map", "refine_channels", "refined_compression"]
 
@@ -242,9 +242,9 @@ def refine_channels(
                             break
             nodes.append(NodeChannels(
                 name=model.node_names[k], read_lambdas=lam, read_covectors=rho,
-                read_mean=stats.read_mean[k], V=_nested_orth(rho), write_mus=mu,
+                read_mean=stats.read_mean[k], V=nested_orth(rho), write_mus=mu,
                 write_vectors=omega, write_readout=readout, write_mean=stats.write_mean[k],
-                U=_nested_orth(omega)))
+                U=nested_orth(omega)))
             all_ranks.append((int(lam.shape[0]), int(mu.shape[0])))
             totals.append(total)
             fractions.append(captured)

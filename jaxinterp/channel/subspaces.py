@@ -47,6 +47,7 @@ __all__ = [
     "NodeChannels",
     "channels_from_stats",
     "eigen_channels",
+    "nested_orth",
     "rank_report",
     "support_sqrt",
 ]
@@ -145,7 +146,7 @@ def eigen_channels(
     return vals, e @ (q * sq[:, None]) / scale[None, :], e @ (q / sq[:, None]) * scale[None, :]
 
 
-def _nested_orth(vectors: np.ndarray) -> np.ndarray:
+def nested_orth(vectors: np.ndarray) -> np.ndarray:
     """Orthonormal columns with ``Q[:, :r]`` spanning ``vectors[:, :r]`` for every ``r``."""
     if vectors.shape[1] == 0:
         return vectors
@@ -183,9 +184,9 @@ def channels_from_stats(stats: ChannelStats, names: tuple[str, ...], *,
                 lam = rho = v = None
             else:
                 lam, rho, _ = eigen_channels(stats.sensitivity[k], stats.read_cov[k])
-                v = _nested_orth(rho)
+                v = nested_orth(rho)
             mu, omega, readout = eigen_channels(stats.write_cov[k], stats.relevance[k])
-            u = _nested_orth(omega)
+            u = nested_orth(omega)
             nodes.append(NodeChannels(
                 name=name, read_lambdas=lam, read_covectors=rho, read_mean=stats.read_mean[k],
                 V=v, write_mus=mu, write_vectors=omega, write_readout=readout,
