@@ -67,6 +67,23 @@ def test_vmapped_seeds_equal_separate_runs():
                                    rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("frozen_axis", [0, None])
+def test_one_seed_vmapped_fit_equals_the_plain_run(frozen_axis):
+    params, frozen, opt = setup()
+    key = jax.random.key(4)
+    add = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)  # noqa: E731
+    one = fit(quad_loss, add(params), add(frozen) if frozen_axis == 0 else frozen, opt,
+              sample, steps=12, key=key[None], seeds=True, frozen_axis=frozen_axis,
+              steps_per_call=6, progress=False)
+    plain = fit(quad_loss, params, frozen, opt, sample, steps=12, key=key, steps_per_call=6,
+                progress=False)
+    assert one.params["w"].shape == (1, 3, 1) and one.history["loss"].shape == (12, 1)
+    # the same update program up to XLA's fusion choices (1 ulp seen)
+    np.testing.assert_allclose(np.asarray(one.params["w"][0]), np.asarray(plain.params["w"]),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(one.history["loss"][:, 0], plain.history["loss"], rtol=1e-6)
+
+
 def test_non_finite_loss_names_step_and_term():
     def bad_loss(params, frozen, batch):
         loss, aux = quad_loss(params, frozen, batch)
