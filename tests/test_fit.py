@@ -44,6 +44,7 @@ def test_resume_is_bit_identical(tmp_path):
         checkpoint_every=10, **kw)
     assert (tmp_path / "checkpoint.eqx").exists()
     resumed = fit(quad_loss, params, frozen, opt, sample, steps=40, checkpoint_dir=tmp_path, **kw)
+    assert (full.steps_run, resumed.steps_run) == (40, 20)  # time per step uses steps_run
     np.testing.assert_array_equal(np.asarray(full.params["w"]), np.asarray(resumed.params["w"]))
     for a, b in zip(jax.tree_util.tree_leaves(full.opt_state),
                     jax.tree_util.tree_leaves(resumed.opt_state), strict=True):

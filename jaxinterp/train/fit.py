@@ -53,6 +53,7 @@ class FitResult:
         history: ``{"step": (n,), term: (n,) or (n, seeds)}`` for every loss term.
         evals: ``{"step": (m,), metric: (m,) or (m, seeds)}`` from ``eval_fn``.
         wall_time: seconds spent in this call (excluding what a resumed run did before).
+        steps_run: updates done in this call (``step`` minus the resumed start).
     """
 
     params: Any
@@ -61,6 +62,12 @@ class FitResult:
     history: dict[str, np.ndarray]
     evals: dict[str, np.ndarray]
     wall_time: float
+    steps_run: int = 0
+
+    @property
+    def time_per_step(self) -> float:
+        """Seconds per update done in this call (0 when none was)."""
+        return self.wall_time / self.steps_run if self.steps_run else 0.0
 
 
 def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, data_axis,
@@ -276,4 +283,5 @@ def fit(
         history={k: np.asarray(v) for k, v in history.items()},
         evals={k: np.asarray(v) for k, v in evals.items()},
         wall_time=time.perf_counter() - t0,
+        steps_run=step - start,
     )
