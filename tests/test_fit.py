@@ -85,6 +85,25 @@ def test_one_seed_vmapped_fit_equals_the_plain_run(frozen_axis):
     np.testing.assert_allclose(one.history["loss"][:, 0], plain.history["loss"], rtol=1e-6)
 
 
+def test_seed_batches_equal_one_vmap():
+    params, frozen, opt = setup()
+    keys = jnp.stack([jax.random.key(i) for i in range(5)])
+    stack = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: jnp.stack([x + 0.1 * i for i in range(5)]), t)
+    kw = dict(steps=12, key=keys, seeds=True, steps_per_call=6, progress=False)
+    full = fit(quad_loss, stack(params), stack(frozen), opt, sample, **kw)
+    for sb in (1, 2):  # 2: groups of 2, 2 and a remainder of 1
+        part = fit(quad_loss, stack(params), stack(frozen), opt, sample, seed_batch=sb, **kw)
+        np.testing.assert_allclose(np.asarray(part.params["w"]), np.asarray(full.params["w"]),
+                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(part.history["loss"], full.history["loss"], rtol=1e-6)
+    shared = fit(quad_loss, stack(params), frozen, opt, sample, frozen_axis=None, seed_batch=2,
+                 **kw)
+    assert shared.params["w"].shape == (5, 3, 1)
+    with pytest.raises(ValueError, match="seed_batch"):
+        fit(quad_loss, stack(params), stack(frozen), opt, sample, seed_batch=0, **kw)
+
+
 def test_non_finite_loss_names_step_and_term():
     def bad_loss(params, frozen, batch):
         loss, aux = quad_loss(params, frozen, batch)

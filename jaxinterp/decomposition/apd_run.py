@@ -64,6 +64,8 @@ class APDConfig:
             when at most an eighth of the ``batch x C`` mask entries can be active). Same
             values either way (tested); a speed setting.
         steps_per_call, eval_size, checkpoint_every: run mechanics.
+        seed_batch: seeds vmapped together (None: all; see :func:`~jaxinterp.train.fit`);
+            1 runs the seeds in turn, which is faster per seed on a CPU.
         success_mmcs, success_ml2r: a TMS seed succeeds when MMCS >= success_mmcs and
             ML2R lies in the closed interval success_ml2r.
     """
@@ -97,6 +99,7 @@ class APDConfig:
     attr_chunk: int = 0
     sparse_topk: bool | None = None
     steps_per_call: int = 200
+    seed_batch: int | None = None
     eval_size: int = 10_000
     checkpoint_every: int = 2000
     success_mmcs: float = 0.998
@@ -109,6 +112,8 @@ class APDConfig:
             raise fail("APDConfig", "steps", ">= 0", self.steps)
         if self.m is not None:
             check_positive("APDConfig", "m", self.m, integer=True)
+        if self.seed_batch is not None:
+            check_positive("APDConfig", "seed_batch", self.seed_batch, integer=True)
         check_positive("APDConfig", "lr", self.lr)
         check_in("APDConfig", "attribution", self.attribution, apd.ATTRIBUTIONS)
         check_in("APDConfig", "topk_mode", self.topk_mode, ("batch", "sample"))
@@ -287,6 +292,7 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
     result = fit(loss_fn, comps, params, opt, sample_fn, steps=cfg.steps, key=keys,
                  seeds=True, frozen_axis=None, steps_per_call=min(cfg.steps_per_call,
                                                                   max(cfg.steps, 1)),
+                 seed_batch=cfg.seed_batch,
                  checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every,
                  resume=resume, header=header, progress=progress, desc=f"apd {target.name}")
     wall = time.perf_counter() - t0
@@ -325,7 +331,7 @@ def _summarise(seed_metrics: list[dict], cfg: APDConfig, result: Any, wall: floa
     return out
 
 
-_INT_FIELDS = ("m", "C", "steps", "batch_size", "attr_chunk")
+_INT_FIELDS = ("m", "C", "steps", "batch_size", "attr_chunk", "seed_batch")
 
 
 register_method(Method(

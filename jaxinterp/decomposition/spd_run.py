@@ -82,6 +82,7 @@ class SPDConfig:
         batch_size, steps, lr, schedule, warmup_frac: Adam (no weight decay) settings.
         clip_norm: global gradient-norm clipping (None: none, the paper's).
         steps_per_call, eval_size, checkpoint_every: run mechanics.
+        seed_batch: seeds vmapped together (None: all; see :func:`~jaxinterp.train.fit`).
         success_mmcs, success_ml2r: a TMS seed succeeds with MMCS >= success_mmcs, ML2R
             within the band and IdentityCIError 0 on every site.
     """
@@ -116,6 +117,7 @@ class SPDConfig:
     warmup_frac: float = 0.0
     clip_norm: float | None = None
     steps_per_call: int = 200
+    seed_batch: int | None = None
     eval_size: int = 10_000
     checkpoint_every: int = 5000
     success_mmcs: float = 0.999
@@ -125,6 +127,8 @@ class SPDConfig:
         fn = "SPDConfig"
         for name in ("ci_hidden", "batch_size", "steps_per_call", "eval_size"):
             check_positive(fn, name, getattr(self, name), integer=True)
+        if self.seed_batch is not None:
+            check_positive(fn, "seed_batch", self.seed_batch, integer=True)
         check_positive(fn, "lr", self.lr)
         check_positive(fn, "p", self.p)
         if self.steps < 0:
@@ -250,6 +254,7 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     result = fit(loss_fn, comps, params, opt, sample_fn, steps=cfg.steps, key=keys,
                  seeds=True, frozen_axis=None,
                  steps_per_call=min(cfg.steps_per_call, max(cfg.steps, 1)),
+                 seed_batch=cfg.seed_batch,
                  checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every,
                  resume=resume, header=header, progress=progress, desc=f"spd {target.name}")
     wall = time.perf_counter() - t0
@@ -520,6 +525,7 @@ register_method(Method(
     name="spd",
     description="Stochastic Parameter Decomposition (Bushnaq, Braun, Sharkey 2025)",
     targets=tuple(PRESETS),
-    run=cli_runner("spd", spd_config, SPDConfig, ("C", "ci_hidden", "steps", "batch_size"),
+    run=cli_runner("spd", spd_config, SPDConfig,
+                   ("C", "ci_hidden", "steps", "batch_size", "seed_batch"),
                    train_spd, _cli_summary),
 ))
