@@ -34,8 +34,7 @@ from .adapters import as_float
 from .model import ChannelModel, divergence, to_float64, trace
 from .subspaces import NUMERICAL_RTOL, ChannelSet
 
-__all__ = ["compressed_trace", "compression_curves", "compression_delta", "projector_delta",
-           "projectors"]
+__all__ = ["compressed_trace", "compression_curves", "compression_delta", "projectors"]
 
 Ranks = Sequence[tuple[int | None, int | None]]
 
@@ -126,30 +125,13 @@ def compression_delta(
     Returns:
         ``(n_configs,)`` numpy float64.
     """
-    return projector_delta(model, xs, [projectors(cs, c) for c in configs],
-                           chunk_size=chunk_size, config_batch=config_batch)
-
-
-def projector_delta(
-    model: ChannelModel,
-    xs: Any,
-    projs: Sequence[Any],
-    *,
-    chunk_size: int = 512,
-    config_batch: int = 16,
-) -> np.ndarray:
-    """``Delta D`` of each projector pytree ``(read_means, read_P, write_means, write_P)``
-    (see :func:`compressed_trace`; e.g. from :func:`projectors`), x64 enabled locally.
-
-    Returns:
-        ``(len(projs),)`` numpy float64.
-    """
     check_positive("compression_delta", "chunk_size", chunk_size, integer=True)
     check_positive("compression_delta", "config_batch", config_batch, integer=True)
-    if not len(projs):
+    if not len(configs):
         return np.zeros(0)
     with jax.enable_x64(True):
-        stack = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack(a)), *projs)
+        stack = [projectors(cs, c) for c in configs]
+        stack = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack(a)), *stack)
         xs = as_float(xs)
         n = jax.tree_util.tree_leaves(xs)[0].shape[0]
         out = _deltas(to_float64(model), xs, stack, int(chunk_size), int(config_batch))
