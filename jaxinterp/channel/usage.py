@@ -77,13 +77,22 @@ def activity(model: ChannelModel, cg: ChannelGraph, xs: Any, write_means: Sequen
         batch_size: examples per vmapped batch.
         key: PRNG key of the references.
     """
-    check_positive("activity", "batch_size", batch_size, integer=True)
+    return _run_activity("activity", model, cg, xs, write_means, len(cg.layers), n_ref,
+                         batch_size, key, per_position=False)
+
+
+def _run_activity(fn: str, model: ChannelModel, cg: ChannelGraph, xs: Any,
+                  write_means: Sequence[Any], n_nodes: int, n_ref: int, batch_size: int,
+                  key: Key, *, per_position: bool) -> np.ndarray:
+    """:func:`_activity` of the first ``n_nodes`` nodes in float64 (x64 enabled locally)."""
+    check_positive(fn, "batch_size", batch_size, integer=True)
     with jax.enable_x64(True):
         m64, xs = to_float64(model), as_float(xs)
         omegas, readouts, _ = _arrays(cg)
-        means = [jnp.asarray(m) for m in write_means]
+        means = [jnp.asarray(m) for m in write_means[:n_nodes]]
         y_refs = reference_outputs(m64, xs, n_ref, key=key)
-        return np.asarray(_activity(m64, omegas, readouts, means, xs, y_refs, batch_size))
+        return np.asarray(_activity(m64, omegas[:n_nodes], readouts[:n_nodes], means, xs,
+                                    y_refs, batch_size, per_position))
 
 
 def position_activity(model: ChannelModel, cg: ChannelGraph, xs: Any,
@@ -97,16 +106,10 @@ def position_activity(model: ChannelModel, cg: ChannelGraph, xs: Any,
         ``((N, P, n), ids)``: activities and the node ids of the ``n`` columns (the
         writers' part of ``cg.node_ids``, in order).
     """
-    check_positive("position_activity", "batch_size", batch_size, integer=True)
-    with jax.enable_x64(True):
-        m64, xs = to_float64(model), as_float(xs)
-        omegas, readouts, _ = _arrays(cg)
-        k = model.n_blocks + 1
-        means = [jnp.asarray(m) for m in write_means[:k]]
-        y_refs = reference_outputs(m64, xs, n_ref, key=key)
-        act = _activity(m64, omegas[:k], readouts[:k], means, xs, y_refs, batch_size, True)
-    ids = [u for la in cg.layers[:k] for u in la.ids]
-    return np.asarray(act), ids
+    k = model.n_blocks + 1
+    act = _run_activity("position_activity", model, cg, xs, write_means, k, n_ref,
+                        batch_size, key, per_position=True)
+    return act, [u for la in cg.layers[:k] for u in la.ids]
 
 
 def usage_matrix(act: np.ndarray, frac: float = 0.9, *, rtol: float = 1e-9) -> np.ndarray:
