@@ -77,28 +77,22 @@ def _seeds_step(one_step, frozen_axis, data_axis, seed_batch):
     CPU); shapes are static, so the path is chosen at trace time."""
     vmapped = jax.vmap(one_step, in_axes=(0, frozen_axis, data_axis, 0))
 
-    def pick(a, axis, fn):
-        return a if axis is None else jax.tree_util.tree_map(fn, a)
-
     def step(state, frozen, data, key):
-        n = jnp.shape(key)[0]
-        if n == 1:
-            out = one_step(jax.tree_util.tree_map(lambda v: v[0], state),
-                           pick(frozen, frozen_axis, lambda v: v[0]),
-                           pick(data, data_axis, lambda v: v[0]), key[0])
-            return jax.tree_util.tree_map(lambda v: v[None], out)
-        if seed_batch is None or seed_batch >= n:
-            return vmapped(state, frozen, data, key)
-        # lax.map over the seeds axis; the seed-batched operands travel in xs, shared
-        # ones are closed over
-        def group(xs):
+        def one(xs):
             st, fr, da, k = xs
             return one_step(st, frozen if frozen_axis is None else fr,
                             data if data_axis is None else da, k)
 
-        xs = (state, frozen if frozen_axis is not None else jnp.zeros(n),
-              data if data_axis is not None else jnp.zeros(n), key)
-        return jax.lax.map(group, xs, batch_size=seed_batch)
+        # the operands with a seeds axis; shared ones stay out (None) and are closed over
+        xs = (state, None if frozen_axis is None else frozen,
+              None if data_axis is None else data, key)
+        n = jnp.shape(key)[0]
+        if n == 1:
+            out = one(jax.tree_util.tree_map(lambda v: v[0], xs))
+            return jax.tree_util.tree_map(lambda v: v[None], out)
+        if seed_batch is None or seed_batch >= n:
+            return vmapped(state, frozen, data, key)
+        return jax.lax.map(one, xs, batch_size=seed_batch)  # groups vmapped, in turn
 
     return step
 
