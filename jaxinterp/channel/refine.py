@@ -212,18 +212,19 @@ def refine_channels(
                     # Start: the HOSVD basis of the cheaper mode (all of the other mode
                     # kept: Sigma^{1/2} or K_bar^{1/2} on its support), then the other
                     # mode's best response to it.
+                    # total: all of the whitened Jacobian energy, tr(G S) of the full Gram
                     if p_in * k_in <= p_out * k_out:
-                        mu_all, *_ = eigen_channels(g := gram(e_in * s_in, "out"), kbar)
+                        g = gram(e_in * s_in, "out")
+                        total = float(np.sum(g * kbar))
                         mu, omega, readout = writes(g)
                         lam, rho = reads(gram(kbar @ omega, "in"))
                         order, first = ("w", "r"), mu
                     else:
-                        lam_all, *_ = eigen_channels(g := gram(e_out * s_out, "in"), sig)
-                        mu_all = lam_all
+                        g = gram(e_out * s_out, "in")
+                        total = float(np.sum(g * sig))
                         lam, rho = reads(g)
                         mu, omega, readout = writes(gram(sig @ rho, "out"))
                         order, first = ("r", "w"), lam
-                    total = float(mu_all.sum())
 
                     def frac(v: np.ndarray, total=total) -> float:
                         return float(v.sum()) / total if total > 0 else 0.0
