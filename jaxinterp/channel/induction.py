@@ -215,7 +215,9 @@ def position_usage(model: Any, res: ChannelAnalysis, xs: Any, names: tuple[str, 
                                  key=key)
     n, p, m = act.shape
     use = usage_matrix(act.reshape(n * p, m), frac).reshape(n, p, m)
-    earlier = np.array([[tok[t] in set(tok[:t]) for t in range(p)] for tok in tokens])
+    # repeated-token position: the token occurred at an earlier position
+    earlier = np.any((tokens[:, :, None] == tokens[:, None, :]) & np.tri(p, k=-1, dtype=bool),
+                     axis=-1)
     first_s = np.argmax(tokens == model.special, axis=1)
     pos = np.arange(p)[None, :]
     at_m, at_last = pos == (first_s + 1)[:, None], pos == p - 1
