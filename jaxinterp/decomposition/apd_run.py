@@ -9,7 +9,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,10 +24,19 @@ from ..methods import Method, register_method
 from ..models import base
 from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
-from ..train import fit, make_optimizer
+from ..train import make_optimizer
 from . import apd
 from .apd_metrics import evaluate_apd
-from .runs import batch_inputs, cli_runner, preset_config, read_saved_run
+from .runs import (
+    batch_inputs,
+    cli_runner,
+    final_losses,
+    fit_seeds,
+    preset_config,
+    probe_sites,
+    read_saved_run,
+    summary_head,
+)
 
 TMS_PATHS = (".W_enc",)
 TMS_ID_PATHS = (".W_enc", ".hidden[0]")
@@ -183,12 +191,6 @@ def _index(t: Any, i: int) -> Any:
     return jax.tree_util.tree_map(lambda v: v[i], t)
 
 
-def _sites(t: Any, target: base.ToyTarget, dcfg: Any, cfg: APDConfig) -> apd.Sites:
-    """The decomposed sites of ``cfg.paths``, probed on one sampled example."""
-    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
-    return apd.make_sites(t.apply, t.params, x0, cfg.paths)
-
-
 def _rank(params: Any, cfg: APDConfig) -> int:
     """The inner rank m (``cfg.m``, or the smallest side of the decomposed weights)."""
     return cfg.m or min(min(tree.get(params, p).shape) for p in cfg.paths)
@@ -230,7 +232,8 @@ def load_apd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -
     run = read_saved_run("load_apd_run", run_dir, "apd", APDConfig, target_dir)
     cfg, seeds = run.config, run.seeds
     t = from_equinox(run.model)
-    sites = _sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1), cfg)
+    sites = probe_sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1),
+                        cfg.paths)
     m = int(run.header.get("m") or _rank(t.params, cfg))
     like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, cfg, m, k)),
                                  jnp.stack([seed_key(s) for s in seeds]))
@@ -266,7 +269,7 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
             raise fail("train_apd", "paths", "weight paths of the target",
                        repr(path), str(e)) from None
     dcfg = dataclasses.replace(target_cfg, batch_size=cfg.batch_size)
-    sites = _sites(t, target, dcfg, cfg)
+    sites = probe_sites(t, target, dcfg, cfg.paths)
     m = _rank(params, cfg)
     keys = jnp.stack([seed_key(s) for s in seeds])
     comps = jax.vmap(lambda k: _init(params, cfg, m, k))(keys)
@@ -282,28 +285,16 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
     def sample_fn(_, k, step):
         return target.sample(dcfg, None, k, step)
 
-    run_dir = Path(out) if out is not None else None
-    header = {"method": "apd", "target": target.name, "config": dataclasses.asdict(cfg),
-              "seeds": list(seeds)}
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        io.write_json(run_dir / "config.json", header)
-    t0 = time.perf_counter()
-    result = fit(loss_fn, comps, params, opt, sample_fn, steps=cfg.steps, key=keys,
-                 seeds=True, frozen_axis=None, steps_per_call=min(cfg.steps_per_call,
-                                                                  max(cfg.steps, 1)),
-                 seed_batch=cfg.seed_batch,
-                 checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every,
-                 resume=resume, header=header, progress=progress, desc=f"apd {target.name}")
-    wall = time.perf_counter() - t0
+    def evaluate(c, hist, i):
+        return {**evaluate_apd(c, model, apply, params, sites, target, target_cfg, cfg,
+                               key=stream_key(keys[i], Stream.EVAL)),
+                **final_losses(hist, rename={"n_active": "train_mean_active"})}
+
+    run = fit_seeds("apd", target.name, cfg, seeds, keys, comps, params, opt, loss_fn,
+                    sample_fn, evaluate, steps=cfg.steps, out=out, progress=progress,
+                    resume=resume)
+    result, seed_metrics, wall, run_dir, header = run
     comps = result.params
-    seed_metrics = []
-    for i, s in enumerate(seeds):
-        mi = evaluate_apd(_index(comps, i), model, apply, params, sites, target, target_cfg,
-                          cfg, key=stream_key(seed_key(s), Stream.EVAL))
-        final = {("train_mean_active" if k == "n_active" else f"loss/{k}"): float(v[-1, i])
-                 for k, v in result.history.items() if k != "step" and len(v)}
-        seed_metrics.append({"seed": s, **mi, **final})
     metrics = _summarise(seed_metrics, cfg, result, wall)
     res = APDResult(comps, cfg, list(seeds), metrics, seed_metrics, result.history, model,
                     target_cfg)
@@ -317,11 +308,8 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
 
 
 def _summarise(seed_metrics: list[dict], cfg: APDConfig, result: Any, wall: float) -> dict:
+    out = summary_head(seed_metrics, result, wall, lambda _, v: isinstance(v, list | dict))
     first = seed_metrics[0]
-    out = {k: v for k, v in first.items() if not isinstance(v, list | dict)}
-    out.update({"seeds": [m["seed"] for m in seed_metrics], "steps": int(result.step),
-                "wall_time_s": wall,
-                "time_per_step_ms": 1e3 * result.time_per_step})
     if "mmcs" in first:
         lo, hi = cfg.success_ml2r
         ok = [m["mmcs"] >= cfg.success_mmcs and lo <= m["ml2r"] <= hi for m in seed_metrics]

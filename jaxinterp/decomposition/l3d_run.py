@@ -17,7 +17,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from ..models import base
 from ..models.data import epoch_batch_pointwise, sparse_uniform
 from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
-from ..train import fit, make_optimizer
+from ..train import make_optimizer
 from . import l3d
 from .l3d_metrics import (
     effect_assignment,
@@ -45,7 +44,7 @@ from .l3d_metrics import (
     sample_selectivity,
     tms_assignment,
 )
-from .runs import cli_runner, preset_config
+from .runs import cli_runner, fit_seeds, preset_config, summary_head
 
 __all__ = ["L3DConfig", "L3DResult", "UntiedTMS", "l3d_config", "l3d_target", "train_l3d"]
 
@@ -288,28 +287,16 @@ def train_l3d(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: L3DConfi
                                     cfg.topk_group)
         return d["x"][idx], ref, step
 
-    run_dir = Path(out) if out is not None else None
-    header = {"method": "l3d", "target": target.name, "config": dataclasses.asdict(cfg),
-              "seeds": list(seeds), "paths": list(names)}
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        io.write_json(run_dir / "config.json", header)
-    t0 = time.perf_counter()
-    result = fit(loss_fn, sub0, w, opt, sample_fn, steps=steps, key=keys, data=data,
-                 seeds=True, data_axis=0, frozen_axis=None,
-                 steps_per_call=min(cfg.steps_per_call, steps),
-                 project=lambda s: l3d.normalize_decoder(s, quirk=cfg.norm_quirk),
-                 checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every, resume=resume,
-                 header=header, progress=progress, desc=f"l3d {target.name}")
-    wall = time.perf_counter() - t0
+    def evaluate(sub_i, hist, i):
+        return evaluate_l3d(sub_i, hist, model, apply, params, names, target, target_cfg, cfg,
+                            key=stream_key(keys[i], Stream.EVAL))
+
+    run = fit_seeds("l3d", target.name, cfg, seeds, keys, sub0, w, opt, loss_fn, sample_fn,
+                    evaluate, steps=steps, out=out, progress=progress, resume=resume,
+                    header_extra={"paths": list(names)}, data=data, data_axis=0,
+                    project=lambda s: l3d.normalize_decoder(s, quirk=cfg.norm_quirk))
+    result, seed_metrics, wall, run_dir, header = run
     sub = result.params
-    seed_metrics = []
-    for i, s in enumerate(seeds):
-        sub_i = jax.tree_util.tree_map(lambda v: v[i], sub)
-        hist = {k: v[:, i] for k, v in result.history.items() if k != "step"}
-        seed_metrics.append({"seed": s, **evaluate_l3d(
-            sub_i, hist, model, apply, params, names, target, target_cfg, cfg,
-            key=stream_key(seed_key(s), Stream.EVAL))})
     metrics = _summarise(seed_metrics, result, wall)
     res = L3DResult(sub, cfg, list(seeds), metrics, seed_metrics, result.history)
     if run_dir is not None:
@@ -432,18 +419,14 @@ def seed_success(name: str, m: dict[str, Any], cfg: L3DConfig, model: Any) -> bo
 
 
 def _summarise(seed_metrics: list[dict], result: Any, wall: float) -> dict[str, Any]:
-    first = seed_metrics[0]
     keep = ("reconstruction_error", "heldout_fvu", "n_matched", "match_cosines", "coverage",
             "frac_dead", "p_act", "n_live", "pooled_r", "output_selectivity_pm0.3",
             "output_selectivity_pm0.3_worse_sign", "output_selectivity_pm0.3_better_sign",
             "sample_selectivity_pm0.3", "hidden_only_output_selectivity_pm0.3")
-    out = {k: first[k] for k in keep if k in first}
+    out = summary_head(seed_metrics, result, wall, lambda k, _: k not in keep)
     ok = [bool(m["success"]) for m in seed_metrics]
-    out.update({"seeds": [m["seed"] for m in seed_metrics], "steps": int(result.step),
-                "success_rate": float(np.mean(ok)), "seed_success": ok,
-                "wall_time_s": wall,
-                "time_per_step_ms": 1e3 * result.time_per_step})
-    if "coverage" in first:
+    out.update({"success_rate": float(np.mean(ok)), "seed_success": ok})
+    if "coverage" in seed_metrics[0]:
         out["coverage_per_seed"] = [m["coverage"] for m in seed_metrics]
     out["fvu_per_seed"] = [m["reconstruction_error"] for m in seed_metrics]
     out["per_seed"] = [{k: v for k, v in m.items() if k != "effects_mean"}

@@ -1,14 +1,17 @@
 """Plumbing shared by the decomposition methods' runs: presets with overrides, CLI value
-coercion, the trained-target cache, and the ``jaxinterp run METHOD TARGET`` runner."""
+coercion, the trained-target cache, the fit-then-evaluate driver of every method, and the
+``jaxinterp run METHOD TARGET`` runner."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from .._checks import fail
 from ..models import base
@@ -78,6 +81,89 @@ def load_or_train_target(name: str, target_dir: str | Path | None, *, progress: 
         return base.load_target(cache)
     r = base.train_target(name, out=cache, progress=progress)
     return r.model, r.config, base.get_target(name)
+
+
+class SeedsFit(NamedTuple):
+    """A vmapped decomposition fit and every seed's evaluation (:func:`fit_seeds`)."""
+
+    result: Any  # FitResult: trained pytree with a leading seeds axis, history
+    seed_metrics: list[dict[str, Any]]
+    wall_time_s: float
+    run_dir: Path | None
+    header: dict[str, Any]
+
+
+def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: jax.Array,
+              init: Any, frozen: Any, optimizer: Any, loss_fn: Callable, sample_fn: Callable,
+              evaluate: Callable[[Any, dict[str, Any], int], dict[str, Any]], *, steps: int,
+              out: str | Path | None, progress: bool, resume: bool,
+              header_extra: dict[str, Any] | None = None, **fit_kwargs: Any) -> SeedsFit:
+    """The run every decomposition method shares: write ``out/config.json``, fit all
+    ``seeds`` in one vmapped :func:`~jaxinterp.train.fit` (checkpointing into ``out``,
+    resuming from it), then evaluate each seed.
+
+    Args:
+        method, target_name: names for the header and the progress bar.
+        cfg: the method's config dataclass (``steps_per_call``, ``checkpoint_every``; the
+            ``seed_batch`` field if it has one).
+        keys: ``(seeds,)`` run keys; ``init``: trainable pytree with a leading seeds axis.
+        evaluate: ``(trained pytree of one seed, its history {name: (n_logged,)}, index)
+            -> metrics``; the seed is added as ``"seed"``.
+        steps: total number of updates.
+        header_extra: more header entries (beside method, target, config, seeds).
+        fit_kwargs: passed on to :func:`~jaxinterp.train.fit` (``data``, ``project``, ...).
+    """
+    from .. import io
+    from ..train import fit
+
+    run_dir = Path(out) if out is not None else None
+    header = {"method": method, "target": target_name, "config": dataclasses.asdict(cfg),
+              "seeds": list(seeds), **(header_extra or {})}
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        io.write_json(run_dir / "config.json", header)
+    t0 = time.perf_counter()
+    result = fit(loss_fn, init, frozen, optimizer, sample_fn, steps=steps, key=keys,
+                 seeds=True, frozen_axis=None,
+                 steps_per_call=min(cfg.steps_per_call, max(steps, 1)),
+                 seed_batch=getattr(cfg, "seed_batch", None), checkpoint_dir=run_dir,
+                 checkpoint_every=cfg.checkpoint_every, resume=resume, header=header,
+                 progress=progress, desc=f"{method} {target_name}", **fit_kwargs)
+    wall = time.perf_counter() - t0
+    seed_metrics = []
+    for i, s in enumerate(seeds):
+        one = jax.tree_util.tree_map(lambda v, i=i: v[i], result.params)
+        hist = {k: v[:, i] for k, v in result.history.items() if k != "step"}
+        seed_metrics.append({"seed": s, **evaluate(one, hist, i)})
+    return SeedsFit(result, seed_metrics, wall, run_dir, header)
+
+
+def final_losses(hist: dict[str, Any], skip: tuple[str, ...] = (),
+                 rename: dict[str, str] | None = None) -> dict[str, float]:
+    """The last logged value of every history entry, as ``loss/NAME`` (or ``rename[NAME]``),
+    leaving out ``skip`` and entries never logged."""
+    rename = rename or {}
+    return {rename.get(k, f"loss/{k}"): float(v[-1]) for k, v in hist.items()
+            if k not in skip and len(v)}
+
+
+def summary_head(seed_metrics: list[dict[str, Any]], result: Any, wall: float,
+                 drop: Callable[[str, Any], bool]) -> dict[str, Any]:
+    """The top of every method's metrics.json: the first seed's scalar entries (those
+    ``drop`` keeps), the seeds, updates, wall time and time per update."""
+    out = {k: v for k, v in seed_metrics[0].items() if not drop(k, v)}
+    out.update({"seeds": [m["seed"] for m in seed_metrics], "steps": int(result.step),
+                "wall_time_s": wall, "time_per_step_ms": 1e3 * result.time_per_step})
+    return out
+
+
+def probe_sites(t: Any, target: base.ToyTarget, data_cfg: Any, paths: tuple[str, ...]) -> Any:
+    """The decomposed sites of ``paths`` in the target ``t`` (``apply``, ``params``), probed
+    on one example sampled with ``data_cfg``."""
+    from .apd import make_sites
+
+    x0 = batch_inputs(target.sample(data_cfg, None, jax.random.key(0), jnp.asarray(0)))[0]
+    return make_sites(t.apply, t.params, x0, paths)
 
 
 class SavedRun(NamedTuple):

@@ -9,7 +9,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,10 +23,19 @@ from ..methods import Method, register_method
 from ..models import base
 from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
-from ..train import fit, make_optimizer
+from ..train import make_optimizer
 from . import apd, spd
 from .apd_run import TMS_ID_PATHS, TMS_PATHS, resid_paths
-from .runs import batch_inputs, cli_runner, preset_config, read_saved_run
+from .runs import (
+    batch_inputs,
+    cli_runner,
+    final_losses,
+    fit_seeds,
+    preset_config,
+    probe_sites,
+    read_saved_run,
+    summary_head,
+)
 from .spd_metrics import (
     dense_ci_error,
     identity_ci_error,
@@ -221,7 +229,7 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     t = from_equinox(model)
     apply, params = t.apply, t.params
     dcfg = dataclasses.replace(target_cfg, batch_size=cfg.batch_size)
-    sites = _sites(t, target, dcfg, cfg)
+    sites = probe_sites(t, target, dcfg, cfg.paths)
     keys = jnp.stack([seed_key(s) for s in seeds])
     comps = jax.vmap(lambda k: _init(params, sites, cfg, stream_key(k, Stream.INIT)))(keys)
     if cfg.faith_warmup_steps:
@@ -244,29 +252,16 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
         x = batch_inputs(target.sample(dcfg, None, k, step))
         return x, stream_key(k, Stream.MASK), step
 
-    run_dir = Path(out) if out is not None else None
-    header = {"method": "spd", "target": target.name, "config": dataclasses.asdict(cfg),
-              "seeds": list(seeds)}
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        io.write_json(run_dir / "config.json", header)
-    t0 = time.perf_counter()
-    result = fit(loss_fn, comps, params, opt, sample_fn, steps=cfg.steps, key=keys,
-                 seeds=True, frozen_axis=None,
-                 steps_per_call=min(cfg.steps_per_call, max(cfg.steps, 1)),
-                 seed_batch=cfg.seed_batch,
-                 checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every,
-                 resume=resume, header=header, progress=progress, desc=f"spd {target.name}")
-    wall = time.perf_counter() - t0
+    def evaluate(c, hist, i):
+        return {**evaluate_spd(c, model, apply, params, sites, target, target_cfg, cfg,
+                               key=stream_key(keys[i], Stream.EVAL)),
+                **final_losses(hist, skip=NOT_LOSSES)}
+
+    run = fit_seeds("spd", target.name, cfg, seeds, keys, comps, params, opt, loss_fn,
+                    sample_fn, evaluate, steps=cfg.steps, out=out, progress=progress,
+                    resume=resume)
+    result, seed_metrics, wall, run_dir, header = run
     comps = result.params
-    seed_metrics = []
-    for i, s in enumerate(seeds):
-        ci_ = jax.tree_util.tree_map(lambda v: v[i], comps)
-        mi = evaluate_spd(ci_, model, apply, params, sites, target, target_cfg, cfg,
-                          key=stream_key(seed_key(s), Stream.EVAL))
-        final = {f"loss/{k}": float(v[-1, i]) for k, v in result.history.items()
-                 if k not in NOT_LOSSES and len(v)}
-        seed_metrics.append({"seed": s, **mi, **final})
     metrics = _summarise(seed_metrics, cfg, result, wall)
     res = SPDResult(comps, cfg, list(seeds), metrics, seed_metrics, result.history)
     if run_dir is not None:
@@ -274,12 +269,6 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
         io.write_json(run_dir / "metrics.json", metrics)
         res.plots = [str(p) for p in plot_spd(res, sites, run_dir) if p is not None]
     return res
-
-
-def _sites(t: Any, target: base.ToyTarget, dcfg: Any, cfg: SPDConfig) -> apd.Sites:
-    """The decomposed sites of ``cfg.paths``, probed on one sampled example."""
-    x0 = batch_inputs(target.sample(dcfg, None, jax.random.key(0), jnp.asarray(0)))[0]
-    return apd.make_sites(t.apply, t.params, x0, cfg.paths)
 
 
 def _init(params: Any, sites: apd.Sites, cfg: SPDConfig, key: Any) -> spd.SPDComponents:
@@ -315,7 +304,8 @@ def load_spd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -
     run = read_saved_run("load_spd_run", run_dir, "spd", SPDConfig, target_dir)
     cfg, seeds = run.config, run.seeds
     t = from_equinox(run.model)
-    sites = _sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1), cfg)
+    sites = probe_sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1),
+                        cfg.paths)
     like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, sites, cfg, k)),
                                  jnp.stack([seed_key(s) for s in seeds]))
     comps, _ = io.load_tree(run.file, like)
@@ -439,11 +429,7 @@ def _resid_layers(comps: spd.SPDComponents, params: Any, sites: apd.Sites,
 
 
 def _summarise(seed_metrics: list[dict], cfg: SPDConfig, result: Any, wall: float) -> dict:
-    first = seed_metrics[0]
-    out = {k: v for k, v in first.items() if k != "one_hot_ci"}
-    out.update({"seeds": [m["seed"] for m in seed_metrics], "steps": int(result.step),
-                "wall_time_s": wall,
-                "time_per_step_ms": 1e3 * result.time_per_step})
+    out = summary_head(seed_metrics, result, wall, lambda k, _: k == "one_hot_ci")
     lo, hi = cfg.success_ml2r
     ok = []
     for m in seed_metrics:
