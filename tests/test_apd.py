@@ -14,7 +14,7 @@ import pytest
 import jaxinterp as ji
 from jaxinterp.cli import main as cli_main
 from jaxinterp.decomposition import apd, apd_config, train_apd
-from jaxinterp.decomposition.apd_metrics import mmcs_ml2r, neuron_contributions
+from jaxinterp.decomposition.apd_metrics import mmcs_ml2r, neuron_contributions, scrub_masks
 from jaxinterp.decomposition.weights import forward_sites
 
 RESID_PATHS = (".layers[0].mlp_in", ".layers[0].mlp_out", ".layers[1].mlp_in",
@@ -448,10 +448,32 @@ def test_resid_run_reports_features_carried_and_scrubbing(tmp_path):
         res = train_apd(model, target, tcfg, cfg, [0], out=tmp_path, progress=False)
         m = res.seed_metrics[0]
         for key in ("features_carried", "components_mono", "scrubbed_mse",
-                    "anti_scrubbed_mse", "neuron_contribution_pearson_r", "target_mse",
+                    "anti_scrubbed_mse", "k_only_mse", "all_components_mse",
+                    "neuron_contribution_pearson_r", "target_mse",
                     "topk_recon_mse", "loss/act_recon"):
             assert key in m and np.isfinite(m[key]), key
         kinds = ("components_dead", "components_mono", "components_duo", "components_poly")
         assert sum(m[k] for k in kinds) == 20
         assert 0 <= m["features_carried"] <= 100
         assert (tmp_path / "components_layers0_mlp_in.png").exists()
+
+
+def test_scrub_masks_ablate_the_spec_sets():
+    # 6 features -> argmax components; components 7 and 8 dead (never live).
+    c_star = jnp.array([0, 1, 2, 3, 4, 4])
+    live = jnp.array([True] * 7 + [False] * 2)
+    x = jnp.array([0.0, 0.7, 0.0, 0.0, 0.3, 0.0])  # K(x) = {1, 4}
+    for seed in range(20):
+        s, a, k_only = scrub_masks(x, jax.random.key(seed), c_star, live, 3)
+        s, a, k_only = np.asarray(s), np.asarray(a), np.asarray(k_only)
+        # Scrubbed: 3 ablated, all live and outside K(x); K(x) and the dead ones kept.
+        assert (s == 0).sum() == 3 and s[1] == s[4] == 1 and s[7] == s[8] == 1
+        # Anti-scrubbed: K(x) plus one random live non-K component, 3 in total.
+        assert (a == 0).sum() == 3 and a[1] == a[4] == 0 and a[7] == a[8] == 1
+        np.testing.assert_array_equal(k_only, [0, 1, 0, 0, 1, 0, 0, 0, 0])
+    # K(x) larger than the budget is still ablated whole; fewer candidates than the budget
+    # ablate every candidate.
+    _, a, _ = scrub_masks(jnp.ones(6), jax.random.key(0), c_star, live, 2)
+    assert np.asarray(a)[:5].sum() == 0 and np.asarray(a)[5:].all()
+    s, _, _ = scrub_masks(x, jax.random.key(0), c_star, live, 50)
+    np.testing.assert_array_equal(np.asarray(s), [0, 1, 0, 0, 1, 0, 0, 1, 1])

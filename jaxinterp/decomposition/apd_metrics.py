@@ -168,45 +168,52 @@ def evaluate_apd(comps: apd.APDComponents, model: Any, apply: Any, params: Any,
     return m
 
 
+def scrub_masks(x: Array, key: Key, c_star: Array, live: Array, n_ablate: int
+                ) -> tuple[Array, Array, Array]:
+    """Keep-masks ``(C,)`` of one example ``x: (F,)`` (1 keeps a component, 0 ablates it).
+
+    ``K(x)`` is ``{c_star[i] : x_i != 0}``. Scrubbed: ablate ``n_ablate`` uniformly random
+    members of ``live \ K(x)`` (all of them if fewer). Anti-scrubbed: ablate ``K(x)`` and
+    random members of ``live \ K(x)``, ``n_ablate`` in total (at least ``K(x)``). K-only:
+    keep ``K(x)`` alone.
+    """
+    C = live.shape[0]
+    in_k = jnp.zeros(C, bool).at[c_star].max(x != 0)
+    u = jax.random.uniform(key, (C,))
+    prio_s = jnp.where(live & ~in_k, u, jnp.inf)
+    prio_a = jnp.where(in_k, -1.0, prio_s)
+
+    def keep(prio):
+        rank = jnp.argsort(jnp.argsort(prio))
+        return jnp.where(((rank < n_ablate) & jnp.isfinite(prio)) | (prio < 0), 0.0, 1.0)
+
+    return keep(prio_s), keep(prio_a), in_k.astype(x.dtype)
+
+
 def scrub_losses(comps: apd.APDComponents, model: Any, apply: Any, params: Any,
                  sites: apd.Sites, target: Any, target_cfg: Any, cfg: Any, *,
                  live: np.ndarray, key: Key, n: int = 10_000) -> dict[str, float]:
-    """Scrubbed / anti-scrubbed MSE to the target on samples with >= 1 active feature.
-
-    ``K(x)`` is the set of argmax components of the one-hot inputs of x's active features;
-    ``L`` the live components. Scrubbed: ablate ``floor(|L|/2)`` random members of
-    ``L \\ K(x)``. Anti-scrubbed: ablate ``K(x)`` and random members of ``L \\ K(x)``,
-    ``floor(|L|/2)`` in total.
+    """Scrubbed / anti-scrubbed MSE to the target on samples with >= 1 active feature
+    (:func:`scrub_masks`; ``K(x)`` from the argmax components of the one-hot inputs of x's
+    active features, ``L`` the live components, ``floor(|L|/2)`` ablated), and two
+    diagnostics on the same samples: ``k_only_mse`` (only ``K(x)`` kept) and
+    ``all_components_mse`` (every component kept).
     """
     n_feat = target_cfg.n_features
     c_star = jnp.argmax(jnp.asarray(one_hot_attributions(
         comps, apply, params, sites, n_feat, cfg.attribution)), axis=1)  # (F,)
     live_j = jnp.asarray(live)
     n_ablate = int(live.sum()) // 2
-    C = comps.n_components
     b = cfg.batch_size
     dcfg = dataclasses.replace(target_cfg, batch_size=b)
-
-    def ablation_masks(x, k):
-        active = x != 0
-        in_k = jnp.zeros(C, bool).at[c_star].max(active)
-        u = jax.random.uniform(k, (C,))
-        cand = live_j & ~in_k
-        prio_s = jnp.where(cand, u, jnp.inf)
-        prio_a = jnp.where(in_k, -1.0, prio_s)
-
-        def keep(prio):
-            rank = jnp.argsort(jnp.argsort(prio))
-            return jnp.where((rank < n_ablate) & jnp.isfinite(prio), 0.0, 1.0)
-
-        return keep(prio_s), keep(prio_a)
 
     def chunk(i):
         k = jax.random.fold_in(key, i)
         batch = target.sample(dcfg, None, k, i)
         x = batch[0] if isinstance(batch, tuple) else batch
         ks = jax.random.split(jax.random.fold_in(k, 1), x.shape[0])
-        s_mask, a_mask = jax.vmap(ablation_masks)(x, ks)
+        masks = jax.vmap(lambda xx, kk: scrub_masks(xx, kk, c_star, live_j, n_ablate))(x, ks)
+        masks = (*masks, jnp.ones_like(masks[0]))
         y_t = jax.vmap(lambda xx: apply(params, xx))(x)
 
         def fwd(xx, s):
@@ -214,11 +221,11 @@ def scrub_losses(comps: apd.APDComponents, model: Any, apply: Any, params: Any,
             return forward_sites(apply, params, xx, sites.paths, weights=w)[0]
 
         w = (jnp.sum(x != 0, axis=-1) > 0).astype(x.dtype)
-        err_s = jnp.mean((jax.vmap(fwd)(x, s_mask) - y_t) ** 2, axis=-1)
-        err_a = jnp.mean((jax.vmap(fwd)(x, a_mask) - y_t) ** 2, axis=-1)
-        return jnp.sum(w * err_s), jnp.sum(w * err_a), jnp.sum(w)
+        errs = [jnp.sum(w * jnp.mean((jax.vmap(fwd)(x, m) - y_t) ** 2, axis=-1))
+                for m in masks]
+        return (*errs, jnp.sum(w))
 
-    s, a, cnt = eqx.filter_jit(lambda: jax.lax.map(chunk, jnp.arange(max(1, n // b))))()
+    *errs, cnt = eqx.filter_jit(lambda: jax.lax.map(chunk, jnp.arange(max(1, n // b))))()
     total = float(np.sum(cnt))
-    return {"scrubbed_mse": float(np.sum(s)) / total,
-            "anti_scrubbed_mse": float(np.sum(a)) / total}
+    names = ("scrubbed_mse", "anti_scrubbed_mse", "k_only_mse", "all_components_mse")
+    return {k: float(np.sum(e)) / total for k, e in zip(names, errs, strict=True)}
