@@ -237,13 +237,16 @@ def test_resid_evaluation_reports_neuron_contributions(tmp_path):
         assert (tmp_path / "subcomponents_layers0_mlp_in.png").exists()
 
 
+@pytest.mark.parametrize("stored", [True, False])
 @pytest.mark.parametrize("shape", [(5,), (7, 5), (3, 4, 5), (300, 5)])
-def test_scalar_mlps_match_autodiff_of_exact_gelu(shape, getkey, monkeypatch):
+def test_scalar_mlps_match_autodiff_of_exact_gelu(shape, stored, getkey, monkeypatch):
     """The custom-VJP CI MLPs equal autodiff of ``jax.nn.gelu(approximate=False)``, values
-    and all five gradients, for any leading axes, also when split into several chunks."""
+    and all five gradients, for any leading axes, in one piece with GELU and GELU' kept
+    for the backward pass, and recomputed in chunks (several when large)."""
     from jaxinterp.decomposition.spd import core
 
     monkeypatch.setattr(core, "_CHUNK_FLOATS", 1000)  # (300, 5) with H=6: 9 chunks
+    monkeypatch.setattr(core, "_STORE_FLOATS", 10**9 if stored else 0)
     C, H = shape[-1], 6
     h = jax.random.normal(getkey(), shape, jnp.float64)
     params = (jax.random.normal(getkey(), (C, H), jnp.float64),
