@@ -115,6 +115,27 @@ def test_gradient_attributions_equal_dense_jacobian_both_modes(name, kind, getke
         np.testing.assert_allclose(attr, ref, rtol=1e-6)
 
 
+def test_loss_is_the_same_with_attributions_by_jvps_or_vjps(getkey):
+    """``attr_mode`` only changes how the attributions are computed: the loss terms, the
+    top-k mask among them, agree, and so do their gradients."""
+    _, _, t, paths, sites, _ = case("resid", getkey)
+    comps = random_components(t, paths, 6, 2, getkey())
+    x = jax.random.uniform(getkey(), (16, 10), jnp.float64)
+    cfgs = {mode: apd_config("resid-mlp-2", paths=paths, C=6, m=2, topk=1.0,
+                             attr_mode=mode).loss_config() for mode in apd.ATTR_MODES}
+    out = {mode: jax.value_and_grad(lambda c, lc=lc: apd.apd_loss(
+        c, t.params, x, apply=t.apply, sites=sites, cfg=lc), has_aux=True)(comps)
+        for mode, lc in cfgs.items()}
+    (ref, ref_aux), ref_g = out["rev"]
+    for mode in ("fwd", "auto"):
+        (val, aux), g = out[mode]
+        np.testing.assert_allclose(val, ref, rtol=1e-12)
+        assert float(aux["n_active"]) == float(ref_aux["n_active"])
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref_g),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("m", [1, 2, 6])  # m = 1: factored order; m = 6: dense order
 def test_component_tangents_both_orders_equal_dense_products(m, getkey):
     A = {"w": jax.random.normal(getkey(), (4, 5, m))}
@@ -344,6 +365,8 @@ def test_bad_arguments_raise_clear_errors(getkey):
         apd_config("tms-5-2", topk=0.0001)
     with pytest.raises(ValueError, match="attribution"):
         apd_config("tms-5-2", attribution="saliency")
+    with pytest.raises(ValueError, match="attr_mode"):
+        apd_config("tms-40-10", attr_mode="backward")
     with pytest.raises(ValueError, match="overrides"):
         apd_config("tms-5-2", C_total=3)
     with pytest.raises(ValueError, match="B"):

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 ATTRIBUTIONS = ("gradient", "gradient_apd", "activation", "ablation")
+ATTR_MODES = ("auto", "fwd", "rev")  # gradient attributions: JVPs per component, VJPs per output
 EPS = 1e-16
 
 
@@ -196,7 +197,7 @@ def attributions(apply: Callable, params: PyTree, sites: Sites, comps: APDCompon
         primal); ``t_c`` keeps its gradient with respect to the components.
     """
     check_in("attributions", "kind", kind, ATTRIBUTIONS)
-    check_in("attributions", "mode", mode, ("auto", "fwd", "rev"))
+    check_in("attributions", "mode", mode, ATTR_MODES)
     paths = sites.paths
     y_t, cache_t = forward_sites(apply, params, x, paths)
     C = comps.n_components
@@ -314,6 +315,7 @@ class APDLossConfig(NamedTuple):
     act_relu: bool
     attr_chunk: int = 0
     sparse_topk: bool | None = None
+    attr_mode: str = "auto"
 
 
 def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
@@ -328,7 +330,8 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
     # is constant, so the attribution pass sees constant components (no tangents).
     attr_comps = comps if lp_mode else jax.lax.stop_gradient(comps)
     def attr_one(xx):
-        return attributions(apply, params, sites, attr_comps, xx, kind=cfg.attribution)
+        return attributions(apply, params, sites, attr_comps, xx, kind=cfg.attribution,
+                            mode=cfg.attr_mode)
 
     if cfg.attr_chunk and cfg.attr_chunk < x.shape[0]:
         # Chunks that fit in cache are faster than one huge vmap on CPU (large-d sites).
