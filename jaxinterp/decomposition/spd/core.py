@@ -112,19 +112,23 @@ def _unchunked(a: Array, N: int, shape: tuple[int, ...]) -> Array:
     return a.transpose(1, 0, 2).reshape(C, k * n)[:, :N].T.reshape(shape)
 
 
+def _hidden(hc: Array, w_in: Array, b_in: Array) -> tuple[Array, Array]:
+    """GELU and GELU' ``(C, n, H)`` of the pre-activations of rows ``hc: (C, n)``."""
+    return _gelu_parts(hc[..., None] * w_in[:, None, :] + b_in[:, None, :])
+
+
 def _scalar_mlps_fwd(h, w_in, b_in, w_out, b_out):
     C, H = w_in.shape
     bias = b_out.reshape((1,) * (h.ndim - 1) + (C,))
     if h.size * H <= _STORE_FLOATS:
         hT = h.reshape(-1, C).T
-        g, dg = _gelu_parts(hT[..., None] * w_in[:, None, :] + b_in[:, None, :])
+        g, dg = _hidden(hT, w_in, b_in)
         z = jnp.einsum("cnk,ck->cn", g, w_out).T.reshape(h.shape)
         return z + bias, (h, w_in, b_in, w_out, (g, dg))
     chunks, N = _chunked(h, C, H)
 
     def one(hc):  # (C, n) -> (C, n)
-        pre = hc[..., None] * w_in[:, None, :] + b_in[:, None, :]
-        return jnp.einsum("cnk,ck->cn", _gelu_parts(pre)[0], w_out)
+        return jnp.einsum("cnk,ck->cn", _hidden(hc, w_in, b_in)[0], w_out)
 
     return _unchunked(jax.lax.map(one, chunks), N, h.shape) + bias, (h, w_in, b_in, w_out, None)
 
@@ -150,7 +154,7 @@ def _scalar_mlps_bwd(res, dz):
 
     def step(acc, xs):
         hc, dc = xs
-        gelu, dgelu = _gelu_parts(hc[..., None] * w_in[:, None, :] + b_in[:, None, :])
+        gelu, dgelu = _hidden(hc, w_in, b_in)
         dh, *grads = _mlp_grads(hc, dc, gelu, dgelu, w_in, w_out)
         return tuple(a + g for a, g in zip(acc, grads, strict=True)), dh
 
