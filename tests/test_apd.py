@@ -113,6 +113,25 @@ def test_gradient_attributions_equal_dense_jacobian_both_modes(name, kind, getke
     for mode in ("fwd", "rev", "auto"):
         attr, _, _ = apd.attributions(t.apply, t.params, sites, comps, x, kind=kind, mode=mode)
         np.testing.assert_allclose(attr, ref, rtol=1e-6)
+    # Sites whose output gradients are the same for every example: only the last MLP
+    # output of the residual model (linear path to the output); TMS ends in a ReLU.
+    const = apd.constant_gradient_sites(t.apply, t.params, sites, comps,
+                                        jnp.stack([x, 0.5 * x, x**2]), kind=kind)
+    assert const == ({".layers[1].mlp_out"} if name == "resid" else set())
+    attr, _, _ = apd.attributions(t.apply, t.params, sites, comps, x, kind=kind, mode="rev",
+                                  const_sites=const)
+    np.testing.assert_allclose(attr, ref, rtol=1e-6)
+
+
+def test_constant_gradient_order_is_used_when_cheaper_and_checked(getkey):
+    _, _, t, paths, sites, x = case("resid", getkey)
+    comps = random_components(t, paths, 7, 3, getkey())
+    # width h = 12, m = 3, d_y = 10: cheaper for a batch of 64 (3*10*(1+12/64) < 12*13)
+    assert apd._constant_order_is_cheaper(sites, comps, ".layers[1].mlp_out", 64)
+    assert not apd._constant_order_is_cheaper(sites, comps, ".layers[1].mlp_out", 1)
+    with pytest.raises(ValueError, match="const_sites"):
+        apd.attributions(t.apply, t.params, sites, comps, x, mode="rev",
+                         const_sites=frozenset({".nowhere"}))
 
 
 def test_loss_is_the_same_with_attributions_by_jvps_or_vjps(getkey):

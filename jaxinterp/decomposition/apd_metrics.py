@@ -173,8 +173,8 @@ def scrub_masks(x: Array, key: Key, c_star: Array, live: Array, n_ablate: int
     """Keep-masks ``(C,)`` of one example ``x: (F,)`` (1 keeps a component, 0 ablates it).
 
     ``K(x)`` is ``{c_star[i] : x_i != 0}``. Scrubbed: ablate ``n_ablate`` uniformly random
-    members of ``live \ K(x)`` (all of them if fewer). Anti-scrubbed: ablate ``K(x)`` and
-    random members of ``live \ K(x)``, ``n_ablate`` in total (at least ``K(x)``). K-only:
+    members of ``live - K(x)`` (all of them if fewer). Anti-scrubbed: ablate ``K(x)`` and
+    random members of ``live - K(x)``, ``n_ablate`` in total (at least ``K(x)``). K-only:
     keep ``K(x)`` alone.
     """
     C = live.shape[0]

@@ -161,12 +161,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                         lr=1e-3, schedule="quarter_cosine", warmup_frac=0.01, topk=1.28,
                         c_topk=1.0, c_act=1.0, c_schatten=10.0, schatten_p=0.9,
                         attribution="gradient", act_sites=_RESID_SITES(1), act_relu=True,
-                        unit_norm=True, init_gain=2.0, init_fan_instances=1, attr_chunk=128),
+                        unit_norm=True, init_gain=2.0, init_fan_instances=1),
     "resid-mlp-2": dict(paths=resid_paths(2), C=200, m=25, batch_size=256, steps=10_000,
                         lr=1e-3, schedule="quarter_cosine", warmup_frac=0.01, topk=1.28,
                         c_topk=2.0, c_act=1.0, c_schatten=7.0, schatten_p=0.9,
                         attribution="gradient", act_sites=_RESID_SITES(2), act_relu=True,
-                        init_gain=2.0, init_fan_instances=1, attr_chunk=128),
+                        init_gain=2.0, init_fan_instances=1),
 }
 # APD is reported to fail on the identity variants (paper, SPD paper): run with the
 # plain TMS presets, only to document it.
