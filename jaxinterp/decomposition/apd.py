@@ -239,7 +239,7 @@ def attributions(apply: Callable, params: PyTree, sites: Sites, comps: APDCompon
     G = _output_grads(g, zeros)  # {site: (d_y, *h)}
     t = component_tangents(comps, {s: a for s, a in inputs.items() if s not in const_sites})
     jt = sum(jnp.einsum("o...,c...->oc", G[s], t[s]) for s in t)  # (d_y, C)
-    for s in const_sites:
+    for s in sorted(const_sites):  # a fixed order: the same sum in every process
         A, B = comps.site_factors(s)
         inner = jnp.einsum("...i,cim->c...m", inputs[s], A)
         GB = jnp.einsum("o...h,cmh->c...mo", G[s], B)  # the same for every example
