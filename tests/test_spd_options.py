@@ -22,6 +22,7 @@ from jaxinterp.decomposition.weights import WeightSite, forward_sites
 from jaxinterp.train import make_optimizer
 
 RESID1 = (".layers[0].mlp_in", ".layers[0].mlp_out")
+RESID2 = (*RESID1, ".layers[1].mlp_in", ".layers[1].mlp_out")
 # Test data comes from NumPy: every new shape drawn with jax.random compiles a program.
 RNG = np.random.default_rng(0)
 
@@ -746,3 +747,41 @@ def test_train_spd_with_every_main_option_on():
     assert "loss/p" not in m
     assert res.components.V[".W_enc"].shape == (1, 5, 8)
     assert dataclasses.asdict(cfg)["C"] == {".W_enc": 8}
+
+
+# --- reuse of the target's inner activations ---------------------------------------------
+
+
+def test_first_masked_site_is_the_first_in_use_order(getkey):
+    _, _, sites, _ = case("resid-mlp-2", getkey, paths=RESID2)
+    assert spd.first_masked_site(sites, set(sites.names)) == ".layers[0].mlp_in"
+    assert spd.first_masked_site(sites, {".layers[1].mlp_out", ".layers[0].mlp_out"}) == \
+        ".layers[0].mlp_out"
+    assert spd.first_masked_site(sites, {}) is None
+
+
+@pytest.mark.parametrize("name", ["resid-mlp-2", "tms-5-2"])
+def test_reusing_the_target_inner_activations_keeps_losses_and_gradients(name, getkey,
+                                                                          monkeypatch):
+    """Every reconstruction term (stochastic, layerwise, subset, PGD, hidden) with the
+    delta channel on, values and gradients, equals the pass that recomputes ``a @ V`` and
+    ``a @ W`` at every site (reuse switched off)."""
+    from jaxinterp.decomposition.spd import losses
+
+    _, t, sites, x = case(name, getkey, paths=RESID2 if name.startswith("resid") else None)
+    comps = random_comps(t, sites)
+    key = getkey()
+    cfg = loss_cfg(c_stoch=1.0, c_layerwise=0.7, c_subset=0.5, c_pgd=0.3, c_hidden_recon=0.2,
+                   c_imp=1e-2, delta=True, pgd=spd.PGDConfig(steps=2))
+
+    def run(c):
+        return spd.spd_loss(c, t.params, x, key, apply=t.apply, sites=sites, cfg=cfg)
+
+    (total, aux), grads = jax.value_and_grad(run, has_aux=True)(comps)
+    monkeypatch.setattr(losses, "first_masked_site", lambda *_: None)
+    (total0, aux0), grads0 = jax.value_and_grad(run, has_aux=True)(comps)
+    for k in aux0:
+        np.testing.assert_allclose(aux[k], aux0[k], rtol=1e-10, err_msg=k)
+    np.testing.assert_allclose(total, total0, rtol=1e-10)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+        np.testing.assert_allclose(g, g0, rtol=1e-8, atol=1e-12)

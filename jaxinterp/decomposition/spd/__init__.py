@@ -35,9 +35,11 @@ from .core import SPDComponents as SPDComponents
 from .core import SPDWeight as SPDWeight
 from .core import VectorCIParams as VectorCIParams
 from .core import causal_importances as causal_importances
+from .core import first_masked_site as first_masked_site
 from .core import gated_lower_leaky_hard_sigmoid as gated_lower_leaky_hard_sigmoid
 from .core import init_ci as init_ci
 from .core import init_spd as init_spd
+from .core import inner_acts as inner_acts
 from .core import lower_leaky_hard_sigmoid as lower_leaky_hard_sigmoid
 from .core import resolve_C as resolve_C
 from .core import scalar_mlps as scalar_mlps

@@ -235,10 +235,10 @@ class SharedCIParams(eqx.Module):
 CIFunction = CIParams | VectorCIParams | SharedCIParams
 
 
-def _ci_logits(ci: CIFunction, a: Array, V: Array) -> Array:
+def _ci_logits(ci: CIFunction, a: Array, h: Array | None) -> Array:
     """Pre-activations ``z: (..., C)``: the scalar MLPs read ``h = a @ V`` (NOT detached),
     the vector / shared MLPs read the site input ``a: (..., d_in)``."""
-    return ci(a @ V) if isinstance(ci, CIParams) else ci(a)
+    return ci(h) if isinstance(ci, CIParams) else ci(a)
 
 
 class SPDComponents(eqx.Module):
@@ -268,6 +268,12 @@ class SPDWeight(eqx.Module):
     the transposed site's mask, delta mask and route; ``w[idx]`` is ``one_hot(idx) @ w``
     (an embedding lookup).
 
+    When the site's input is known to be the target's (``inner`` given: the first masked
+    site of a pass, whose input no masked site can have changed), the pass reuses the
+    target's ``h = a @ V`` and ``a @ W``: ``((h * (mask - m_delta)) @ U + m_delta (a @ W)``,
+    one ``(C, d_out)`` product per example and no ``(d_in, C)`` one. The gradient of ``V``
+    then flows through the shared ``h``, so every pass adds to ONE ``a^T dh`` product.
+
     Attributes:
         V, U, W: ``(d_in, C)``, ``(C, d_out)`` and the frozen ``(d_in, d_out)`` target.
         mask, mask_T: ``([P,] C)`` masks of the site and of its transposed use (None: the
@@ -275,6 +281,10 @@ class SPDWeight(eqx.Module):
         route, route_T: scalar or ``([P,])`` bool; where False, the target weight.
         delta_mask, delta_mask_T: ``([P,])`` multipliers of the delta component (None: no
             delta component).
+        inner, inner_T: ``([P,] C)`` the target's ``a @ V`` at the site, or None (computed
+            from ``a``).
+        target_out, target_out_T: ``([P,] d_out)`` the target's ``a @ W`` at the site; given
+            exactly when ``inner`` is.
     """
 
     V: Array
@@ -286,6 +296,10 @@ class SPDWeight(eqx.Module):
     route_T: Array | None
     delta_mask: Array | None = None
     delta_mask_T: Array | None = None
+    inner: Array | None = None
+    inner_T: Array | None = None
+    target_out: Array | None = None
+    target_out_T: Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -302,18 +316,28 @@ class SPDWeight(eqx.Module):
     @property
     def T(self) -> SPDWeight:  # noqa: N802
         return SPDWeight(self.U.T, self.V.T, self.W.T, self.mask_T, self.mask, self.route_T,
-                         self.route, self.delta_mask_T, self.delta_mask)
+                         self.route, self.delta_mask_T, self.delta_mask, self.inner_T,
+                         self.inner, self.target_out_T, self.target_out)
 
     def __rmatmul__(self, a: Array) -> Array:
         if self.mask is None:
-            return a @ self.W
-        masked = ((a @ self.V) * self.mask) @ self.U
-        if self.delta_mask is not None:
-            masked = masked + self.delta_mask[..., None] * (a @ (self.W - self.V @ self.U))
+            return a @ self.W if self.target_out is None else self.target_out
+        if self.inner is None:
+            h, full = a @ self.V, None
+        else:
+            h, full = self.inner, self.target_out
+        if self.delta_mask is None:
+            masked = (h * self.mask) @ self.U
+        elif full is None:
+            masked = ((h * self.mask) @ self.U
+                      + self.delta_mask[..., None] * (a @ (self.W - self.V @ self.U)))
+        else:  # a @ Delta = a @ W - h @ U, folded into the one product with U
+            d = self.delta_mask[..., None]
+            masked = (h * (self.mask - d)) @ self.U + d * full
         if self.route is None:
             return masked
         route = self.route if jnp.ndim(self.route) == 0 else self.route[..., None]
-        return jnp.where(route, masked, a @ self.W)
+        return jnp.where(route, masked, a @ self.W if full is None else full)
 
     def __getitem__(self, idx: Any) -> Array:
         """Embedding lookup ``W[idx]``, decomposed as ``one_hot(idx) @ W``."""
@@ -322,20 +346,39 @@ class SPDWeight(eqx.Module):
 
 def spd_forward_sites(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents,
                       x: Any, masks: dict[str, Array], routes: dict[str, Array] | None = None,
-                      delta_masks: dict[str, Array] | None = None
+                      delta_masks: dict[str, Array] | None = None,
+                      reuse: dict[str, tuple[Array, Array]] | None = None
                       ) -> tuple[Any, dict[str, tuple[Array, Array]]]:
-    """:func:`spd_forward` and the per-site ``(input, output)`` cache of the masked pass."""
+    """:func:`spd_forward` and the per-site ``(input, output)`` cache of the masked pass.
+
+    Args:
+        reuse: ``{site: (h, out)}``, the target's inner activations ``a @ V`` and output
+            ``a @ W`` at sites whose input in this pass is the target's (see
+            :func:`first_masked_site`); the pass uses them instead of recomputing.
+    """
+    reuse = reuse or {}
     weights = {}
     for path in sites.paths:
         W = tree.get(params, path)
-        m, mt = masks.get(path), masks.get(path + TRANSPOSED)
+        pt = path + TRANSPOSED
+        m, mt = masks.get(path), masks.get(pt)
         r = rt = d = dt = None
         if routes is not None:
-            r, rt = routes.get(path), routes.get(path + TRANSPOSED)
+            r, rt = routes.get(path), routes.get(pt)
         if delta_masks is not None:
-            d, dt = delta_masks.get(path), delta_masks.get(path + TRANSPOSED)
-        weights[path] = SPDWeight(comps.V[path], comps.U[path], W, m, mt, r, rt, d, dt)
+            d, dt = delta_masks.get(path), delta_masks.get(pt)
+        h, out = reuse.get(path, (None, None))
+        h_t, out_t = reuse.get(pt, (None, None))
+        weights[path] = SPDWeight(comps.V[path], comps.U[path], W, m, mt, r, rt, d, dt,
+                                  h, h_t, out, out_t)
     return forward_sites(apply, params, x, sites.paths, weights=weights)
+
+
+def first_masked_site(sites: Sites, masked: Any) -> str | None:
+    """The first site of ``masked`` in use order, or None. Its input in a pass that masks
+    only ``masked`` is the target's: an input is computed before the weight that reads
+    it, so no masked site's output can reach it."""
+    return next((s for s in sites.names if s in masked), None)
 
 
 def spd_forward(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents, x: Any,
@@ -450,16 +493,29 @@ def init_spd(params: PyTree, sites: Sites, C: int | Mapping[str, int], hidden: i
     return SPDComponents(V, U, ci)
 
 
+def inner_acts(comps: SPDComponents, inputs: dict[str, Array]) -> dict[str, Array]:
+    """``h = a @ V: (..., C)`` per site from the site inputs ``a: (..., d_in)``."""
+    return {site: a @ comps.site_factors(site)[0] for site, a in inputs.items()}
+
+
 def causal_importances(comps: SPDComponents, inputs: dict[str, Array], *,
-                       gated: bool = False) -> tuple[dict[str, Array], dict[str, Array]]:
+                       gated: bool = False, inner: dict[str, Array] | None = None
+                       ) -> tuple[dict[str, Array], dict[str, Array]]:
     """``(g, g+)`` per site from the target's site inputs ``a: (..., d_in)``. The scalar
     MLPs read ``h = a @ V``, NOT detached: the CI gradient trains V; the vector / shared
-    MLPs read ``a``."""
+    MLPs read ``a``.
+
+    Args:
+        inner: the sites' ``a @ V`` when already computed (:func:`inner_acts`).
+    """
     lower = gated_lower_leaky_hard_sigmoid if gated else lower_leaky_hard_sigmoid
     g, g_up = {}, {}
     for site, a in inputs.items():
-        V, _ = comps.site_factors(site)
-        z = _ci_logits(comps.ci[site], a, V)
+        ci = comps.ci[site]
+        h = None
+        if isinstance(ci, CIParams):
+            h = inner[site] if inner is not None else a @ comps.site_factors(site)[0]
+        z = _ci_logits(ci, a, h)
         g[site], g_up[site] = lower(z), upper_leaky_hard_sigmoid(z)
     return g, g_up
 

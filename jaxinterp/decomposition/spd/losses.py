@@ -22,7 +22,8 @@ from ..._types import Array, Key, PyTree
 from ...rng import hash_uniform
 from ..apd import Sites
 from ..weights import forward_sites
-from .core import SPDComponents, causal_importances, spd_forward_sites
+from .core import (SPDComponents, causal_importances, first_masked_site, inner_acts,
+                   spd_forward_sites)
 
 EPS = 1e-12
 DIVERGENCES = ("mse", "kl")
@@ -226,13 +227,24 @@ def _route_shape(g: dict[str, Array]) -> tuple[int, ...]:
 
 def _batched_forward(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents,
                      x: Array, masks: dict[str, Array], dmasks: dict[str, Array] | None = None,
-                     routes: dict[str, Array] | None = None):
+                     routes: dict[str, Array] | None = None,
+                     target: tuple[dict[str, Array], dict[str, Array]] | None = None):
     """``(y, cache)`` of the masked pass over the batch (``x``, masks and routes have a
-    leading batch axis)."""
-    def one(xx, mk, d, r):
-        return spd_forward_sites(apply, params, sites, comps, xx, mk, r, d)
+    leading batch axis).
 
-    return jax.vmap(one)(x, masks, dmasks, routes)
+    Args:
+        target: the target's ``(inner activations, site outputs)`` over the batch; the
+            first masked site reuses them (:func:`first_masked_site`).
+    """
+    reuse = None
+    lead = first_masked_site(sites, masks)
+    if target is not None and lead is not None:
+        reuse = {lead: (target[0][lead], target[1][lead])}
+
+    def one(xx, mk, d, r, re):
+        return spd_forward_sites(apply, params, sites, comps, xx, mk, r, d, re)
+
+    return jax.vmap(one)(x, masks, dmasks, routes, reuse)
 
 
 def _pgd_masks(g: dict[str, Array], sources: dict[str, Array], delta: bool
@@ -274,23 +286,27 @@ def _check_sources(fn: str, g: dict[str, Array], sources: dict[str, Array], delt
 
 def _pgd_loss(comps: SPDComponents, params: PyTree, x: Array, y_t: Array, g: dict[str, Array],
               sources: dict[str, Array], *, apply: Callable, sites: Sites, pgd: PGDConfig,
-              delta: bool, kind: str) -> tuple[Array, dict[str, Array]]:
+              delta: bool, kind: str,
+              target: tuple[dict[str, Array], dict[str, Array]] | None = None
+              ) -> tuple[Array, dict[str, Array]]:
     """D at the sources after ``pgd.steps`` steps ``s <- clip(s + step sign(dD/ds), 0, 1)``
     (a ``fori_loop`` on constant components), and the final sources. The final sources
-    are a leaf: the loss differentiates through the masks' ``g`` only."""
-    def objective(c, p, gg, s):
+    are a leaf: the loss differentiates through the masks' ``g`` only. ``target``: the
+    target's inner activations and site outputs (see :func:`_batched_forward`)."""
+    def objective(c, p, gg, tg, s):
         masks, dmasks = _pgd_masks(gg, s, delta)
-        return divergence(_batched_forward(apply, p, sites, c, x, masks, dmasks)[0], y_t, kind)
+        y = _batched_forward(apply, p, sites, c, x, masks, dmasks, target=tg)[0]
+        return divergence(y, y_t, kind)
 
-    frozen = jax.lax.stop_gradient((comps, params, g))
+    frozen = jax.lax.stop_gradient((comps, params, g, target))
 
     def ascend(_, s):
-        grad = jax.grad(objective, argnums=3)(*frozen, s)
+        grad = jax.grad(objective, argnums=4)(*frozen, s)
         return jax.tree.map(lambda si, gi: jnp.clip(si + pgd.step_size * jnp.sign(gi), 0.0, 1.0),
                             s, grad)
 
     s = jax.lax.stop_gradient(jax.lax.fori_loop(0, pgd.steps, ascend, sources))
-    return objective(comps, params, g, s), s
+    return objective(comps, params, g, target, s), s
 
 
 def pgd_recon(comps: SPDComponents, params: PyTree, x: Array, *, apply: Callable,
@@ -319,14 +335,16 @@ def pgd_recon(comps: SPDComponents, params: PyTree, x: Array, *, apply: Callable
     check_pgd_config(fn, pgd)
     check_in(fn, "divergence", divergence, DIVERGENCES)
     y_t, cache = jax.vmap(lambda xx: forward_sites(apply, params, xx, sites.paths))(x)
-    g, _ = jax.vmap(lambda c: causal_importances(
-        comps, {s: a for s, (a, _) in c.items()}, gated=gated))(cache)
+    inputs = {s: a for s, (a, _) in cache.items()}
+    inner = inner_acts(comps, inputs)
+    g, _ = causal_importances(comps, inputs, gated=gated, inner=inner)
     if sources is None:
         sources = _pgd_sources(g, pgd, delta, key)
     else:
         _check_sources(fn, g, sources, delta)
     return _pgd_loss(comps, params, x, y_t, g, sources, apply=apply, sites=sites, pgd=pgd,
-                     delta=delta, kind=divergence)
+                     delta=delta, kind=divergence,
+                     target=(inner, {s: h for s, (_, h) in cache.items()}))
 
 
 def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply: Callable,
@@ -354,7 +372,9 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
     check_loss_config("spd_loss", cfg)
     y_t, cache = jax.vmap(lambda xx: forward_sites(apply, params, xx, sites.paths))(x)
     inputs = {s: a for s, (a, _) in cache.items()}
-    g, g_up = causal_importances(comps, inputs, gated=cfg.gated)  # batched: one MLP call per site
+    inner = inner_acts(comps, inputs)  # computed once, reused by the CI MLPs and the passes
+    target = (inner, {s: h for s, (_, h) in cache.items()})
+    g, g_up = causal_importances(comps, inputs, gated=cfg.gated, inner=inner)  # batched
     aux: dict[str, Array] = {}
     total = 0.0
 
@@ -370,7 +390,7 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
         total = total + cfg.c_faith * aux["faithfulness"]
     if cfg.c_stoch is not None or cfg.c_hidden_recon is not None:
         _, masks, dm = draws(STOCHASTIC)
-        y, cache_m = _batched_forward(apply, params, sites, comps, x, masks, dm)
+        y, cache_m = _batched_forward(apply, params, sites, comps, x, masks, dm, target=target)
         if cfg.c_stoch is not None:
             aux["stochastic_recon"] = dist(y)
             total = total + cfg.c_stoch * aux["stochastic_recon"]
@@ -382,20 +402,20 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
         _, masks, dm = draws(LAYERWISE)
         aux["layerwise_recon"] = jnp.mean(jnp.stack(
             [dist(_batched_forward(apply, params, sites, comps, x, {s: masks[s]},
-                                   None if dm is None else {s: dm[s]})[0])
+                                   None if dm is None else {s: dm[s]}, target=target)[0])
              for s in sites.names]))
         total = total + cfg.c_layerwise * aux["layerwise_recon"]
     if cfg.c_subset is not None:
         k, masks, dm = draws(SUBSET)
         routes = subset_routes(sites.names, _route_shape(g), jax.random.fold_in(k, ROUTE_KEY))
         aux["subset_recon"] = dist(_batched_forward(apply, params, sites, comps, x, masks, dm,
-                                                    routes)[0])
+                                                    routes, target)[0])
         total = total + cfg.c_subset * aux["subset_recon"]
     if cfg.c_pgd is not None:
         src = _pgd_sources(g, cfg.pgd, cfg.delta, jax.random.fold_in(key, PGD))
         aux["pgd_recon"], _ = _pgd_loss(comps, params, x, y_t, g, src, apply=apply,
                                         sites=sites, pgd=cfg.pgd, delta=cfg.delta,
-                                        kind=cfg.divergence)
+                                        kind=cfg.divergence, target=target)
         total = total + cfg.c_pgd * aux["pgd_recon"]
     if cfg.c_imp is not None:
         aux["importance_minimality"] = importance_minimality(g_up, cfg.p if p is None else p,
