@@ -22,8 +22,13 @@ from ..._types import Array, Key, PyTree
 from ...rng import hash_uniform
 from ..apd import Sites
 from ..weights import forward_sites
-from .core import (SPDComponents, causal_importances, first_masked_site, inner_acts,
-                   spd_forward_sites)
+from .core import (
+    SPDComponents,
+    causal_importances,
+    first_masked_site,
+    inner_acts,
+    spd_forward_sites,
+)
 
 EPS = 1e-12
 DIVERGENCES = ("mse", "kl")
