@@ -765,7 +765,8 @@ def test_reusing_the_target_inner_activations_keeps_losses_and_gradients(name, g
                                                                           monkeypatch):
     """Every reconstruction term (stochastic, layerwise, subset, PGD, hidden) with the
     delta channel on, values and gradients, equals the pass that recomputes ``a @ V`` and
-    ``a @ W`` at every site (reuse switched off)."""
+    ``a @ W`` at every site and runs the model for every layerwise pass (reuse and the
+    folded layerwise pass of resid-mlp-2's last ``mlp_out`` switched off)."""
     from jaxinterp.decomposition.spd import losses
 
     _, t, sites, x = case(name, getkey, paths=RESID2 if name.startswith("resid") else None)
@@ -777,11 +778,31 @@ def test_reusing_the_target_inner_activations_keeps_losses_and_gradients(name, g
     def run(c):
         return spd.spd_loss(c, t.params, x, key, apply=t.apply, sites=sites, cfg=cfg)
 
+    monkeypatch.setattr(losses, "_folding_is_cheaper", lambda *_: True)  # at toy sizes too
     (total, aux), grads = jax.value_and_grad(run, has_aux=True)(comps)
     monkeypatch.setattr(losses, "first_masked_site", lambda *_: None)
+    monkeypatch.setattr(losses, "affine_output_sites", lambda *_: frozenset())
     (total0, aux0), grads0 = jax.value_and_grad(run, has_aux=True)(comps)
     for k in aux0:
         np.testing.assert_allclose(aux[k], aux0[k], rtol=1e-10, err_msg=k)
     np.testing.assert_allclose(total, total0, rtol=1e-10)
     for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
         np.testing.assert_allclose(g, g0, rtol=1e-8, atol=1e-12)
+
+
+def test_affine_output_sites_are_those_read_by_a_fixed_linear_map(getkey):
+    """resid-mlp's last ``mlp_out`` reaches the output through the frozen unembedding
+    alone; every earlier site passes a ReLU, and TMS's sites pass its output ReLU."""
+    from jaxinterp.decomposition.spd import losses
+
+    _, t, sites, x = case("resid-mlp-2", getkey, paths=RESID2)
+    assert losses.affine_output_sites(t.apply, t.params, sites, x) == {".layers[1].mlp_out"}
+    _, t, sites, x = case("tms-5-2-id", getkey)
+    assert losses.affine_output_sites(t.apply, t.params, sites, x) == frozenset()
+    # resid-mlp-1's preset (d_resid 1000, 50 neurons, C 100): folded from ~180 examples
+    target = ji.get_target("resid-mlp-1")
+    t = ji.target.from_equinox(target.init(target.config(), getkey()))
+    sites = apd.make_sites(t.apply, t.params, jnp.zeros(100), RESID1)
+    comps = spd.init_spd(t.params, sites, 100, 4, key=getkey())
+    assert not losses._folding_is_cheaper(sites, comps, ".layers[0].mlp_out", 100)
+    assert losses._folding_is_cheaper(sites, comps, ".layers[0].mlp_out", 2048)

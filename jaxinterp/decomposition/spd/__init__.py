@@ -47,6 +47,7 @@ from .core import spd_forward as spd_forward
 from .core import spd_forward_sites as spd_forward_sites
 from .core import upper_leaky_hard_sigmoid as upper_leaky_hard_sigmoid
 from .losses import DELTA_KEYS as DELTA_KEYS
+from .losses import affine_output_sites as affine_output_sites
 from .losses import DIVERGENCES as DIVERGENCES
 from .losses import EPS as EPS
 from .losses import LAYERWISE as LAYERWISE
