@@ -47,7 +47,6 @@ from .core import spd_forward as spd_forward
 from .core import spd_forward_sites as spd_forward_sites
 from .core import upper_leaky_hard_sigmoid as upper_leaky_hard_sigmoid
 from .losses import DELTA_KEYS as DELTA_KEYS
-from .losses import affine_output_sites as affine_output_sites
 from .losses import DIVERGENCES as DIVERGENCES
 from .losses import EPS as EPS
 from .losses import LAYERWISE as LAYERWISE
@@ -58,6 +57,7 @@ from .losses import STOCHASTIC as STOCHASTIC
 from .losses import SUBSET as SUBSET
 from .losses import PGDConfig as PGDConfig
 from .losses import SPDLossConfig as SPDLossConfig
+from .losses import affine_output_sites as affine_output_sites
 from .losses import annealed_p as annealed_p
 from .losses import check_loss_config as check_loss_config
 from .losses import check_pgd_config as check_pgd_config
