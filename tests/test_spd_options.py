@@ -760,16 +760,18 @@ def test_first_masked_site_is_the_first_in_use_order(getkey):
     assert spd.first_masked_site(sites, {}) is None
 
 
-@pytest.mark.parametrize("name", ["resid-mlp-2", "tms-5-2"])
+@pytest.mark.parametrize("name", ["resid-mlp-1", "resid-mlp-2", "tms-5-2"])
 def test_reusing_the_target_inner_activations_keeps_losses_and_gradients(name, getkey,
                                                                           monkeypatch):
     """Every reconstruction term (stochastic, layerwise, subset, PGD, hidden) with the
     delta channel on, values and gradients, equals the pass that recomputes ``a @ V`` and
     ``a @ W`` at every site and runs the model for every layerwise pass (reuse and the
-    folded layerwise pass of resid-mlp-2's last ``mlp_out`` switched off)."""
+    folded passes switched off: resid-mlp's last ``mlp_out`` in the layerwise loss, and
+    resid-mlp-1's stochastic pass, whose masks reach the output only through it)."""
     from jaxinterp.decomposition.spd import losses
 
-    _, t, sites, x = case(name, getkey, paths=RESID2 if name.startswith("resid") else None)
+    paths = {"resid-mlp-1": RESID1, "resid-mlp-2": RESID2}.get(name)
+    _, t, sites, x = case(name, getkey, paths=paths)
     comps = random_comps(t, sites)
     key = getkey()
     cfg = loss_cfg(c_stoch=1.0, c_layerwise=0.7, c_subset=0.5, c_pgd=0.3, c_hidden_recon=0.2,
@@ -797,8 +799,14 @@ def test_affine_output_sites_are_those_read_by_a_fixed_linear_map(getkey):
 
     _, t, sites, x = case("resid-mlp-2", getkey, paths=RESID2)
     assert losses.affine_output_sites(t.apply, t.params, sites, x) == {".layers[1].mlp_out"}
+    # holding the last mlp_out fixed, layer 0's outputs still reach y through the residual
+    assert not any(losses._only_through(t.apply, t.params, sites, s, x) for s in sites.names)
+    _, t, sites, x = case("resid-mlp-1", getkey, paths=RESID1)
+    assert losses._only_through(t.apply, t.params, sites, ".layers[0].mlp_out", x)
+    assert not losses._only_through(t.apply, t.params, sites, ".layers[0].mlp_in", x)
     _, t, sites, x = case("tms-5-2-id", getkey)
     assert losses.affine_output_sites(t.apply, t.params, sites, x) == frozenset()
+    assert losses._only_through(t.apply, t.params, sites, ".W_enc:T", x)  # the last use
     # resid-mlp-1's preset (d_resid 1000, 50 neurons, C 100): folded from ~180 examples
     target = ji.get_target("resid-mlp-1")
     t = ji.target.from_equinox(target.init(target.config(), getkey()))
