@@ -302,9 +302,9 @@ def affine_output_sites(apply: Callable, params: PyTree, sites: Sites, x: Any
 
 
 def _folding_is_cheaper(sites: Sites, comps: SPDComponents, site: str, b: int) -> bool:
-    """Folded, a layerwise pass costs ``C d_out d_y + d_in d_out d_y`` (``U J`` and ``W J``,
-    once) plus ``b (C + d_in) d_y`` multiply-adds (per position); a pass through the model
-    costs at least its masked product, ``b C d_out``."""
+    """Folded at ``site``, a pass costs ``C d_out d_y + d_in d_out d_y`` (``U J`` and ``W J``,
+    once) plus ``b (C + d_in) d_y`` multiply-adds (per position); run through the model it
+    costs at least the site's masked product, ``b C d_out``."""
     d_in, d_out = sites.shapes[site][0][-1], sites.shapes[site][1][-1]
     C = comps.site_factors(site)[0].shape[1]  # noqa: N806
     d_y = math.prod(sites.out_shape)
