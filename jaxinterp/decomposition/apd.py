@@ -34,7 +34,7 @@ import optax
 
 from .._checks import check_in, check_positive, fail
 from .._types import Array, Key, PyTree
-from .weights import TRANSPOSED, LowRankWeight, forward_sites, probe_sites
+from .weights import TRANSPOSED, LowRankWeight, forward_sites, probe_sites, returns_unbatched
 
 __all__ = [
     "ATTRIBUTIONS",
@@ -295,16 +295,8 @@ def constant_gradient_sites(apply: Callable, params: PyTree, sites: Sites,
         return _output_grads(*_site_output_fn(apply, params, xx, sites.paths, weights, cache))
 
     spec = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), x)
-    out = set()
-    for s in sites.names:
-        try:
-            jax.eval_shape(jax.vmap(lambda xx, s=s: grads(xx)[s], out_axes=None), spec)
-        except ValueError as e:  # batched: the gradients depend on the example
-            if "out_axes" not in str(e):
-                raise
-            continue
-        out.add(s)
-    return frozenset(out)
+    return frozenset(s for s in sites.names
+                     if returns_unbatched(lambda xx, s=s: grads(xx)[s], spec))
 
 
 def _constant_order_is_cheaper(sites: Sites, comps: APDComponents, site: str, b: int) -> bool:

@@ -253,6 +253,19 @@ def forward_sites(
     return y, cache
 
 
+def returns_unbatched(fn: Callable, *specs: Any, in_axes: Any = 0) -> bool:
+    """Whether ``jax.vmap(fn, in_axes)`` can return its output unbatched (``out_axes=None``)
+    on arguments of the shapes ``specs``: the output depends on none of the mapped inputs.
+    Decided at trace time (``jax.eval_shape``), from the structure of the computation."""
+    try:
+        jax.eval_shape(jax.vmap(fn, in_axes=in_axes, out_axes=None), *specs)
+    except ValueError as e:  # batched: the output depends on a mapped input
+        if "out_axes" not in str(e):
+            raise
+        return False
+    return True
+
+
 def probe_sites(apply: Callable[[PyTree, Any], Any], params: PyTree, x: Any,
                 paths: Sequence[str]) -> dict[str, tuple[jax.ShapeDtypeStruct,
                                                          jax.ShapeDtypeStruct]]:

@@ -283,8 +283,8 @@ class SPDWeight(eqx.Module):
             delta component).
         inner, inner_T: ``([P,] C)`` the target's ``a @ V`` at the site, or None (computed
             from ``a``).
-        target_out, target_out_T: ``([P,] d_out)`` the target's ``a @ W`` at the site; given
-            exactly when ``inner`` is.
+        target_out, target_out_T: ``([P,] d_out)`` the target's ``a @ W`` at the site, used
+            in place of ``a @ W`` (an unmasked site returns it whatever its input), or None.
     """
 
     V: Array

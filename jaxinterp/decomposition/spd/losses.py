@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,9 +22,10 @@ from ..._checks import check_in, check_nonnegative, check_positive, fail
 from ..._types import Array, Key, PyTree
 from ...rng import hash_uniform
 from ..apd import Sites
-from ..weights import TRANSPOSED, forward_sites
+from ..weights import TRANSPOSED, forward_sites, returns_unbatched
 from .core import (
     SPDComponents,
+    SPDWeight,
     causal_importances,
     first_masked_site,
     inner_acts,
@@ -289,15 +289,9 @@ def affine_output_sites(apply: Callable, params: PyTree, sites: Sites, x: Any
     for s in sites.names:
         dtype = jnp.result_type(tree.get(params, s.removesuffix(TRANSPOSED)))
         dspec = jax.ShapeDtypeStruct((b, *sites.shapes[s][1]), dtype)
-        try:
-            jax.eval_shape(jax.vmap(lambda xx, d, s=s: _output_jacobian(apply, params, sites, s,
-                                                                         xx, d),
-                                    out_axes=None), spec, dspec)
-        except ValueError as e:  # batched: the map depends on the example or the delta
-            if "out_axes" not in str(e):
-                raise
-            continue
-        out.add(s)
+        if returns_unbatched(lambda xx, d, s=s: _output_jacobian(apply, params, sites, s, xx, d),
+                             spec, dspec):
+            out.add(s)
     return frozenset(out)
 
 
@@ -341,35 +335,6 @@ def _folded_output(apply: Callable, params: PyTree, sites: Sites, comps: SPDComp
     return y_t + diff.reshape(y_t.shape)
 
 
-class _HeldUse(eqx.Module):
-    """A weight whose use in one orientation returns a fixed output whatever its input
-    (the other orientation is the plain weight): :func:`_only_through`'s probe."""
-
-    W: Array
-    out: Array
-    held: bool = eqx.field(static=True)
-    held_other: bool = eqx.field(static=True)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.W.shape)
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def dtype(self) -> Any:
-        return self.W.dtype
-
-    @property
-    def T(self) -> _HeldUse:  # noqa: N802
-        return _HeldUse(self.W.T, self.out, self.held_other, self.held)
-
-    def __rmatmul__(self, a: Array) -> Array:
-        return self.out if self.held else a @ self.W
-
-
 def _only_through(apply: Callable, params: PyTree, sites: Sites, site: str, x: Any) -> bool:
     """Whether every other site's output reaches the model output only through ``site``:
     with ``site``'s output held fixed, the output of an example ``x`` does not depend on
@@ -378,8 +343,11 @@ def _only_through(apply: Callable, params: PyTree, sites: Sites, site: str, x: A
     path = site.removesuffix(TRANSPOSED)
     W = tree.get(params, path)  # noqa: N806
     out = jnp.zeros(sites.shapes[site][1], jnp.result_type(W))
-    transposed = site.endswith(TRANSPOSED)
-    held = _HeldUse(W, out, not transposed, transposed)
+    # an unmasked SPDWeight returns its target output, when given, whatever its input
+    held_out = (None, out) if site.endswith(TRANSPOSED) else (out, None)
+    none = jnp.zeros((W.shape[0], 1), out.dtype), jnp.zeros((1, W.shape[1]), out.dtype)
+    held = SPDWeight(*none, W, None, None, None, None, target_out=held_out[0],
+                     target_out_T=held_out[1])
     x0 = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), x)
     dspec = {s: jax.ShapeDtypeStruct((2, *sites.shapes[s][1]), out.dtype)
              for s in sites.names if s != site}
@@ -388,13 +356,7 @@ def _only_through(apply: Callable, params: PyTree, sites: Sites, site: str, x: A
         return forward_sites(apply, params, xx, sites.paths, weights={path: held},
                              deltas=deltas)[0]
 
-    try:
-        jax.eval_shape(jax.vmap(f, in_axes=(None, 0), out_axes=None), x0, dspec)
-    except ValueError as e:
-        if "out_axes" not in str(e):
-            raise
-        return False
-    return True
+    return returns_unbatched(f, x0, dspec, in_axes=(None, 0))
 
 
 def _pgd_masks(g: dict[str, Array], sources: dict[str, Array], delta: bool
