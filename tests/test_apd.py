@@ -223,6 +223,14 @@ def test_losses_equal_numpy_formulas_including_tied_double_count(getkey):
         ls /= n_params * B
         np.testing.assert_allclose(apd.schatten_loss(comps, sites, jnp.asarray(mask), p), ls,
                                    rtol=1e-10)
+        # a 0/1 mask summed over the batch first: the same value and gradient
+        def both(cc, binary, p=p):
+            return apd.schatten_loss(cc, sites, jnp.asarray(mask), p, binary=binary)
+
+        np.testing.assert_allclose(both(comps, True), ls, rtol=1e-10)
+        g1, g0 = jax.grad(both)(comps, True), jax.grad(both)(comps, False)
+        for u, v in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-14)
     # Masked-off terms contribute the eps constant: all-zero mask gives exactly that.
     zero = apd.schatten_loss(comps, sites, jnp.zeros((B, C)), 0.9)
     np.testing.assert_allclose(zero, 2 * B * C * m * 1e-16 ** 0.45 / (n_params * B), rtol=1e-9)

@@ -359,17 +359,30 @@ def _sum_of_products(A: Array, B: Array) -> Array:
     return jnp.transpose(A, (1, 0, 2)).reshape(d_in, C * m) @ B.reshape(C * m, B.shape[-1])
 
 
-def schatten_loss(comps: APDComponents, sites: Sites, mask: Array, p: float) -> Array:
+def schatten_loss(comps: APDComponents, sites: Sites, mask: Array, p: float, *,
+                  binary: bool = False) -> Array:
     """Factorised Schatten-p with the mask inside the power:
     ``1/(n_params B) sum_sites sum_b sum_c sum_j (s_bc |A_{c,:,j}|^2 |B_{c,j,:}|^2 + eps)^{p/2}``.
-    ``mask``: ``(batch, C)`` binary top-k mask or float L_p multiplier."""
-    b = mask.shape[0]
+
+    Args:
+        mask: ``(batch, C)`` binary top-k mask or float L_p multiplier.
+        binary: the mask holds only 0 and 1 (top-k); then the sum over the batch is taken
+            first: ``sum_c n_c sum_j (q_cj + eps)^{p/2} + (B C - sum_c n_c) m eps^{p/2}``
+            with ``n_c = sum_b s_bc``, the same value without the ``(B, C, m)`` powers.
+    """
+    b, c = mask.shape
     total = 0.0
     for path in sites.paths:
         na = jnp.sum(comps.A[path] ** 2, axis=-2)  # (C, m)
         nb = jnp.sum(comps.B[path] ** 2, axis=-1)  # (C, m)
-        terms = (mask[:, :, None] * (na * nb)[None] + EPS) ** (p / 2)
-        total = total + sites.count(path) * jnp.sum(terms)
+        if binary:
+            n_c = jnp.sum(mask, axis=0)
+            m = na.shape[-1]
+            on = jnp.sum(n_c * jnp.sum((na * nb + EPS) ** (p / 2), axis=-1))
+            terms = on + (b * c - jnp.sum(n_c)) * m * EPS ** (p / 2)
+        else:
+            terms = jnp.sum((mask[:, :, None] * (na * nb)[None] + EPS) ** (p / 2))
+        total = total + sites.count(path) * terms
     return total / (sites.n_params * b)
 
 
@@ -478,7 +491,7 @@ def apd_loss(comps: APDComponents, params: PyTree, x: Array, *, apply: Callable,
         aux["act_recon"] = sq / (b * denom)
         total = total + cfg.c_act * aux["act_recon"]
     if cfg.c_schatten is not None:
-        aux["schatten"] = schatten_loss(comps, sites, mask, cfg.schatten_p)
+        aux["schatten"] = schatten_loss(comps, sites, mask, cfg.schatten_p, binary=not lp_mode)
         total = total + cfg.c_schatten * aux["schatten"]
     return total, aux
 
