@@ -760,22 +760,26 @@ def test_first_masked_site_is_the_first_in_use_order(getkey):
     assert spd.first_masked_site(sites, {}) is None
 
 
-@pytest.mark.parametrize("name", ["resid-mlp-1", "resid-mlp-2", "tms-5-2"])
-def test_reusing_the_target_inner_activations_keeps_losses_and_gradients(name, getkey,
+@pytest.mark.parametrize("name, hidden", [("resid-mlp-1", True), ("resid-mlp-2", True),
+                                          ("resid-mlp-2", False), ("tms-5-2", True)])
+def test_reusing_the_target_inner_activations_keeps_losses_and_gradients(name, hidden, getkey,
                                                                           monkeypatch):
     """Every reconstruction term (stochastic, layerwise, subset, PGD, hidden) with the
     delta channel on, values and gradients, equals the pass that recomputes ``a @ V`` and
     ``a @ W`` at every site and runs the model for every layerwise pass (reuse and the
     folded passes switched off: resid-mlp's last ``mlp_out`` in the layerwise loss, and
-    resid-mlp-1's stochastic pass, whose masks reach the output only through it)."""
+    the stochastic pass at it: from the target's output for resid-mlp-1, whose masks reach
+    the output only through it, and from the pass with it held at 0 for resid-mlp-2 when
+    the hidden loss is off)."""
     from jaxinterp.decomposition.spd import losses
 
     paths = {"resid-mlp-1": RESID1, "resid-mlp-2": RESID2}.get(name)
     _, t, sites, x = case(name, getkey, paths=paths)
     comps = random_comps(t, sites)
     key = getkey()
-    cfg = loss_cfg(c_stoch=1.0, c_layerwise=0.7, c_subset=0.5, c_pgd=0.3, c_hidden_recon=0.2,
-                   c_imp=1e-2, delta=True, pgd=spd.PGDConfig(steps=2))
+    cfg = loss_cfg(c_stoch=1.0, c_layerwise=0.7, c_subset=0.5, c_pgd=0.3,
+                   c_hidden_recon=0.2 if hidden else None, c_imp=1e-2, delta=True,
+                   pgd=spd.PGDConfig(steps=2))
 
     def run(c):
         return spd.spd_loss(c, t.params, x, key, apply=t.apply, sites=sites, cfg=cfg)

@@ -235,18 +235,22 @@ def _route_shape(g: dict[str, Array]) -> tuple[int, ...]:
 def _batched_forward(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents,
                      x: Array, masks: dict[str, Array], dmasks: dict[str, Array] | None = None,
                      routes: dict[str, Array] | None = None,
-                     target: tuple[dict[str, Array], dict[str, Array]] | None = None):
+                     target: tuple[dict[str, Array], dict[str, Array]] | None = None,
+                     held: dict[str, tuple[None, Array]] | None = None):
     """``(y, cache)`` of the masked pass over the batch (``x``, masks and routes have a
     leading batch axis).
 
     Args:
         target: the target's ``(inner activations, site outputs)`` over the batch; the
             first masked site reuses them (:func:`first_masked_site`).
+        held: ``{site: (None, out)}``: unmasked sites whose output is ``out`` over the
+            batch, whatever their input.
     """
-    reuse = None
+    reuse = dict(held or {})
     lead = first_masked_site(sites, masks)
     if target is not None and lead is not None:
-        reuse = {lead: (target[0][lead], target[1][lead])}
+        reuse[lead] = (target[0][lead], target[1][lead])
+    reuse = reuse or None
 
     def one(xx, mk, d, r, re):
         return spd_forward_sites(apply, params, sites, comps, xx, mk, r, d, re)
@@ -254,43 +258,51 @@ def _batched_forward(apply: Callable, params: PyTree, sites: Sites, comps: SPDCo
     return jax.vmap(one)(x, masks, dmasks, routes, reuse)
 
 
-def _site_output_map(apply: Callable, params: PyTree, sites: Sites, site: str, x: Any
-                     ) -> Callable[[Array], Array]:
+def _site_output_map(apply: Callable, params: PyTree, sites: Sites, site: str, x: Any,
+                     others: dict[str, Array] | None = None) -> Callable[[Array], Array]:
     """The output of ONE example as a function of an additive delta at ``site``'s output
-    (the target's weights, held constant)."""
+    (the target's weights, held constant; ``others``: fixed deltas at other sites)."""
     frozen = jax.lax.stop_gradient(params)
-    return lambda d: forward_sites(apply, frozen, x, sites.paths, deltas={site: d})[0]
+    return lambda d: forward_sites(apply, frozen, x, sites.paths,
+                                   deltas={**(others or {}), site: d})[0]
 
 
 def _output_jacobian(apply: Callable, params: PyTree, sites: Sites, site: str, x: Any,
-                     delta: Array) -> Array:
+                     delta: Array, others: dict[str, Array] | None = None) -> Array:
     """``(d_y, *out_site)``: the gradient of every output element with respect to
-    ``site``'s output of ONE example ``x``, at the additive ``delta``."""
-    y, vjp_fn = jax.vjp(_site_output_map(apply, params, sites, site, x), delta)
+    ``site``'s output of ONE example ``x``, at the additive ``delta`` (and the fixed
+    deltas ``others`` at other sites)."""
+    y, vjp_fn = jax.vjp(_site_output_map(apply, params, sites, site, x, others), delta)
     (G,) = jax.vmap(vjp_fn)(jnp.eye(y.size, dtype=y.dtype).reshape(y.size, *y.shape))
     return G
 
 
 def affine_output_sites(apply: Callable, params: PyTree, sites: Sites, x: Any
                         ) -> frozenset[str]:
-    """The sites whose output reaches the model output through ONE affine map for every
-    example: ``y(x) = out_s J_s + c(x)``, with ``J_s`` the same for all ``x`` and all
-    values of ``out_s`` (resid-mlp's last ``mlp_out``, read by the frozen unembedding).
+    """The sites whose output enters the model output through ONE fixed linear map:
+    ``y = F(x, other sites' outputs) + out_s J_s`` with ``J_s`` the same for every
+    example, every value of ``out_s`` and every output of the other sites (resid-mlp's
+    last ``mlp_out``, read by the frozen unembedding).
 
     Decided at trace time from the structure of the computation, not from values: the
     Jacobian with respect to a delta added to the site's output, with the examples ``x:
-    (batch, ...)`` AND the delta batched, can be returned unbatched by ``vmap``
-    (``out_axes=None``). A ReLU, softmax or anything else between the site and the
-    output makes it depend on them.
+    (batch, ...)``, that delta AND deltas at every other site's output batched, can be
+    returned unbatched by ``vmap`` (``out_axes=None``). A ReLU, softmax or product with
+    anything example-dependent between the site and the output makes it depend on them.
     """
     spec = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), x)
     b = jax.tree_util.tree_leaves(spec)[0].shape[0]
+
+    def dspec(s):
+        dtype = jnp.result_type(tree.get(params, s.removesuffix(TRANSPOSED)))
+        return jax.ShapeDtypeStruct((b, *sites.shapes[s][1]), dtype)
+
     out = set()
     for s in sites.names:
-        dtype = jnp.result_type(tree.get(params, s.removesuffix(TRANSPOSED)))
-        dspec = jax.ShapeDtypeStruct((b, *sites.shapes[s][1]), dtype)
-        if returns_unbatched(lambda xx, d, s=s: _output_jacobian(apply, params, sites, s, xx, d),
-                             spec, dspec):
+        others = {o: dspec(o) for o in sites.names if o != s}
+        if returns_unbatched(lambda xx, d, od, s=s: _output_jacobian(apply, params, sites, s,
+                                                                      xx, d, od),
+                             spec, dspec(s), others):
             out.add(s)
     return frozenset(out)
 
@@ -306,33 +318,36 @@ def _folding_is_cheaper(sites: Sites, comps: SPDComponents, site: str, b: int) -
 
 
 def _folded_output(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents,
-                   site: str, x: Array, y_t: Array, a_t: Array, a: Array, h: Array,
-                   mask: Array, dmask: Array | None) -> Array:
-    """The output of a pass whose masks reach the output only through ``site``, a site of
-    :func:`affine_output_sites` (``y = out J + c`` with ``c`` the target's): ``y = y* +
-    (out - out*) J`` with ``out = (h (mask - m_delta)) U + m_delta (a W)`` and ``out* =
-    a* W`` (``m_delta = 0`` without the delta channel), contracted as ``h (U J)`` and ``a
-    (W J)``: nothing after the site runs.
+                   site: str, x: Array, y_base: Array, a: Array, h: Array, mask: Array,
+                   dmask: Array | None, a_base: Array | None = None) -> Array:
+    """The output of a masked pass at a site of :func:`affine_output_sites` (``y = F + out
+    J``), from ``y_base``, the output with the site's output replaced by ``a_base @ W``
+    (zero when ``a_base`` is None): ``y = y_base + (out - a_base W) J`` with ``out = (h (mask
+    - m_delta)) U + m_delta (a W)`` (``m_delta = 0`` without the delta channel), contracted
+    as ``h (U J)`` and ``a (W J)``: nothing after the site runs.
 
     Args:
-        a_t, a: the site's input in the target pass and in this pass, ``(batch, ..., d_in)``.
-        h: this pass's ``a @ V``.
+        a, h: the site's input in this pass, ``(batch, ..., d_in)``, and ``a @ V``.
+        a_base: the site's input in the pass that gave ``y_base`` (the target's, for
+            ``y_base = y*``).
     """
     x0 = jax.tree_util.tree_map(lambda v: v[0], x)
     G = jax.lax.stop_gradient(_output_jacobian(  # noqa: N806
         apply, params, sites, site, x0, jnp.zeros(sites.shapes[site][1], h.dtype)))
     _, U = comps.site_factors(site)  # noqa: N806
-    W = tree.get(params, site.removesuffix(TRANSPOSED))  # noqa: N806
-    if site.endswith(TRANSPOSED):
-        W = W.T  # noqa: N806
     UG = jnp.einsum("co,y...o->y...c", U, G)  # noqa: N806
-    WG = jnp.einsum("io,y...o->y...i", jax.lax.stop_gradient(W), G)  # noqa: N806
     d = jnp.zeros(mask.shape[:-1], mask.dtype) if dmask is None else dmask
     b = h.shape[0]
     coef = (h * (mask - d[..., None])).reshape(b, -1)
-    rest = (d[..., None] * a - a_t).reshape(b, -1)
-    diff = coef @ UG.reshape(UG.shape[0], -1).T + rest @ WG.reshape(WG.shape[0], -1).T
-    return y_t + diff.reshape(y_t.shape)
+    diff = coef @ UG.reshape(UG.shape[0], -1).T
+    if dmask is not None or a_base is not None:
+        W = tree.get(params, site.removesuffix(TRANSPOSED))  # noqa: N806
+        if site.endswith(TRANSPOSED):
+            W = W.T  # noqa: N806
+        WG = jnp.einsum("io,y...o->y...i", jax.lax.stop_gradient(W), G)  # noqa: N806
+        rest = d[..., None] * a - (0.0 if a_base is None else a_base)
+        diff = diff + rest.reshape(b, -1) @ WG.reshape(WG.shape[0], -1).T
+    return y_base + diff.reshape(y_base.shape)
 
 
 def _only_through(apply: Callable, params: PyTree, sites: Sites, site: str, x: Any) -> bool:
@@ -469,9 +484,11 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
     at a time, the other sites use the frozen target: one batched pass per site, except
     for a site whose output reaches the model output through one fixed affine map
     (:func:`affine_output_sites`, e.g. resid-mlp's last ``mlp_out``), whose pass is
-    ``y* + (out - out*) J`` without running the model when that is cheaper; the
-    stochastic pass is folded the same way at its last site when every other site reaches
-    the output only through it (resid-mlp-1). (Vmapping
+    ``y* + (out - out*) J`` without running the model when that is cheaper. The
+    stochastic pass folds at its last site too: from ``y*`` when every other site
+    reaches the output only through it (resid-mlp-1), else (without the hidden loss,
+    which needs the site's output) from the pass with that site's output held at 0
+    (resid-mlp-2). (Vmapping
     one-hot route vectors instead evaluates both the masked and the target branch of every
     site for L x batch rows; measured 3x slower on resid-mlp-1 and 1.3x on tms-5-2, CPU.)
     The subset loss routes a random subset of sites per example (position); the PGD loss
@@ -511,13 +528,27 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
                            if _folding_is_cheaper(sites, comps, s, y_t.shape[0]))
     if cfg.c_stoch is not None or cfg.c_hidden_recon is not None:
         _, masks, dm = draws(STOCHASTIC)
-        y, cache_m = _batched_forward(apply, params, sites, comps, x, masks, dm, target=target)
         last = sites.names[-1]
-        if last in folded and _only_through(apply, params, sites, last, x):
-            a_m = cache_m[last][0]  # the rest of the masked pass is dead code
-            y = _folded_output(apply, params, sites, comps, last, x, y_t, inputs[last], a_m,
+        through = last in folded and _only_through(apply, params, sites, last, x)
+        fold = through or (last in folded and cfg.c_hidden_recon is None)
+        if fold and not through:
+            # the last site's output held at 0: y_base = F(x, the masked other sites)
+            base = {last: (None, jnp.zeros_like(cache[last][1]))}
+            y_base, cache_m = _batched_forward(
+                apply, params, sites, comps, x, {s: m for s, m in masks.items() if s != last},
+                None if dm is None else {s: v for s, v in dm.items() if s != last},
+                target=target, held=base)
+            a_base = None
+        else:
+            y_base, cache_m = _batched_forward(apply, params, sites, comps, x, masks, dm,
+                                               target=target)
+            y_base, a_base = (y_t, inputs[last]) if fold else (y_base, None)
+        y = y_base
+        if fold:  # after the last site's input, the masked pass is dead code
+            a_m = cache_m[last][0]
+            y = _folded_output(apply, params, sites, comps, last, x, y_base, a_m,
                                a_m @ comps.site_factors(last)[0], masks[last],
-                               None if dm is None else dm[last])
+                               None if dm is None else dm[last], a_base)
         if cfg.c_stoch is not None:
             aux["stochastic_recon"] = dist(y)
             total = total + cfg.c_stoch * aux["stochastic_recon"]
@@ -531,8 +562,8 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
         def layerwise(s):
             if s in folded:
                 return _folded_output(apply, params, sites, comps, s, x, y_t, inputs[s],
-                                      inputs[s], inner[s], masks[s],
-                                      None if dm is None else dm[s])
+                                      inner[s], masks[s], None if dm is None else dm[s],
+                                      inputs[s])
             return _batched_forward(apply, params, sites, comps, x, {s: masks[s]},
                                     None if dm is None else {s: dm[s]}, target=target)[0]
 
