@@ -308,13 +308,15 @@ def affine_output_sites(apply: Callable, params: PyTree, sites: Sites, x: Any
 
 
 def _folding_is_cheaper(sites: Sites, comps: SPDComponents, site: str, b: int) -> bool:
-    """Folded at ``site``, a pass costs ``C d_out d_y + d_in d_out d_y`` (``U J`` and ``W J``,
-    once) plus ``b (C + d_in) d_y`` multiply-adds (per position); run through the model it
-    costs at least the site's masked product, ``b C d_out``."""
-    d_in, d_out = sites.shapes[site][0][-1], sites.shapes[site][1][-1]
+    """Folded at ``site``, a pass costs ``(C + d_in) d_out P d_y`` multiply-adds once
+    (``U J`` and ``W J``) plus ``(C + d_in) P d_y`` per example (``P`` the site's positions,
+    ``d_y`` the output's size); run through the model it costs at least the site's masked
+    product, ``P C d_out`` per example."""
+    d_in, (*pos, d_out) = sites.shapes[site][0][-1], sites.shapes[site][1]
+    P = math.prod(pos)  # noqa: N806
     C = comps.site_factors(site)[0].shape[1]  # noqa: N806
     d_y = math.prod(sites.out_shape)
-    return (C + d_in) * d_out * d_y + b * (C + d_in) * d_y < b * C * d_out
+    return (C + d_in) * d_out * P * d_y + b * P * (C + d_in) * d_y < b * P * C * d_out
 
 
 def _folded_output(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents,
