@@ -21,7 +21,7 @@ from ... import tree
 from ..._checks import check_in, check_nonnegative, check_positive, fail
 from ..._types import Array, Key, PyTree
 from ...rng import hash_uniform
-from ..apd import Sites
+from ..apd import Sites, _output_grads
 from ..weights import TRANSPOSED, forward_sites, returns_unbatched
 from .core import (
     SPDComponents,
@@ -258,23 +258,18 @@ def _batched_forward(apply: Callable, params: PyTree, sites: Sites, comps: SPDCo
     return jax.vmap(one)(x, masks, dmasks, routes, reuse)
 
 
-def _site_output_map(apply: Callable, params: PyTree, sites: Sites, site: str, x: Any,
-                     others: dict[str, Array] | None = None) -> Callable[[Array], Array]:
-    """The output of ONE example as a function of an additive delta at ``site``'s output
-    (the target's weights, held constant; ``others``: fixed deltas at other sites)."""
-    frozen = jax.lax.stop_gradient(params)
-    return lambda d: forward_sites(apply, frozen, x, sites.paths,
-                                   deltas={**(others or {}), site: d})[0]
-
-
 def _output_jacobian(apply: Callable, params: PyTree, sites: Sites, site: str, x: Any,
                      delta: Array, others: dict[str, Array] | None = None) -> Array:
     """``(d_y, *out_site)``: the gradient of every output element with respect to
-    ``site``'s output of ONE example ``x``, at the additive ``delta`` (and the fixed
-    deltas ``others`` at other sites)."""
-    y, vjp_fn = jax.vjp(_site_output_map(apply, params, sites, site, x, others), delta)
-    (G,) = jax.vmap(vjp_fn)(jnp.eye(y.size, dtype=y.dtype).reshape(y.size, *y.shape))
-    return G
+    ``site``'s output of ONE example ``x`` (the target's weights held constant), at the
+    additive ``delta`` and the fixed deltas ``others`` at other sites; one VJP per output
+    element, as APD's output gradients."""
+    frozen = jax.lax.stop_gradient(params)
+
+    def y(dd):
+        return forward_sites(apply, frozen, x, sites.paths, deltas={**(others or {}), **dd})[0]
+
+    return _output_grads(y, {site: delta})[site]
 
 
 def affine_output_sites(apply: Callable, params: PyTree, sites: Sites, x: Any
