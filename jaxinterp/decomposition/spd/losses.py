@@ -314,9 +314,9 @@ def _folding_is_cheaper(sites: Sites, comps: SPDComponents, site: str, b: int) -
     return (C + d_in) * d_out * P * d_y + b * P * (C + d_in) * d_y < b * P * C * d_out
 
 
-def _folded_output(apply: Callable, params: PyTree, sites: Sites, comps: SPDComponents,
-                   site: str, x: Array, y_base: Array, a: Array, h: Array, mask: Array,
-                   dmask: Array | None, a_base: Array | None = None) -> Array:
+def _folded_output(params: PyTree, comps: SPDComponents, site: str, G: Array,  # noqa: N803
+                   y_base: Array, a: Array, h: Array, mask: Array, dmask: Array | None,
+                   a_base: Array | None = None) -> Array:
     """The output of a masked pass at a site of :func:`affine_output_sites` (``y = F + out
     J``), from ``y_base``, the output with the site's output replaced by ``a_base @ W``
     (zero when ``a_base`` is None): ``y = y_base + (out - a_base W) J`` with ``out = (h (mask
@@ -324,13 +324,11 @@ def _folded_output(apply: Callable, params: PyTree, sites: Sites, comps: SPDComp
     as ``h (U J)`` and ``a (W J)``: nothing after the site runs.
 
     Args:
+        G: the site's readout Jacobian ``(d_y, *out_site)``, the same for every example.
         a, h: the site's input in this pass, ``(batch, ..., d_in)``, and ``a @ V``.
         a_base: the site's input in the pass that gave ``y_base`` (the target's, for
             ``y_base = y*``).
     """
-    x0 = jax.tree_util.tree_map(lambda v: v[0], x)
-    G = jax.lax.stop_gradient(_output_jacobian(  # noqa: N806
-        apply, params, sites, site, x0, jnp.zeros(sites.shapes[site][1], h.dtype)))
     _, U = comps.site_factors(site)  # noqa: N806
     UG = jnp.einsum("co,y...o->y...c", U, G)  # noqa: N806
     d = jnp.zeros(mask.shape[:-1], mask.dtype) if dmask is None else dmask
@@ -519,33 +517,32 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
     if cfg.c_faith is not None:
         aux["faithfulness"] = faithfulness_loss(params, comps, sites)
         total = total + cfg.c_faith * aux["faithfulness"]
-    folded = frozenset()
+    folded: dict[str, Array] = {}  # site -> its readout Jacobian, formed once per step
     if cfg.c_stoch is not None or cfg.c_layerwise is not None:
-        folded = frozenset(s for s in affine_output_sites(apply, params, sites, x)
-                           if _folding_is_cheaper(sites, comps, s, y_t.shape[0]))
+        x0 = jax.tree_util.tree_map(lambda v: v[0], x)
+        folded = {s: jax.lax.stop_gradient(_output_jacobian(
+                      apply, params, sites, s, x0, jnp.zeros_like(cache[s][1][0])))
+                  for s in affine_output_sites(apply, params, sites, x)
+                  if _folding_is_cheaper(sites, comps, s, y_t.shape[0])}
     if cfg.c_stoch is not None or cfg.c_hidden_recon is not None:
         _, masks, dm = draws(STOCHASTIC)
         last = sites.names[-1]
         through = last in folded and _only_through(apply, params, sites, last, x)
-        fold = through or (last in folded and cfg.c_hidden_recon is None)
-        if fold and not through:
-            # the last site's output held at 0: y_base = F(x, the masked other sites)
-            base = {last: (None, jnp.zeros_like(cache[last][1]))}
-            y_base, cache_m = _batched_forward(
+        held = last in folded and not through and cfg.c_hidden_recon is None
+        if held:  # the last site's output held at 0: y = F(x, the masked other sites)
+            y, cache_m = _batched_forward(
                 apply, params, sites, comps, x, {s: m for s, m in masks.items() if s != last},
                 None if dm is None else {s: v for s, v in dm.items() if s != last},
-                target=target, held=base)
-            a_base = None
+                target=target, held={last: (None, jnp.zeros_like(cache[last][1]))})
         else:
-            y_base, cache_m = _batched_forward(apply, params, sites, comps, x, masks, dm,
-                                               target=target)
-            y_base, a_base = (y_t, inputs[last]) if fold else (y_base, None)
-        y = y_base
-        if fold:  # after the last site's input, the masked pass is dead code
+            y, cache_m = _batched_forward(apply, params, sites, comps, x, masks, dm,
+                                          target=target)
+        if through or held:  # after the last site's input, the masked pass is dead code
             a_m = cache_m[last][0]
-            y = _folded_output(apply, params, sites, comps, last, x, y_base, a_m,
+            y = _folded_output(params, comps, last, folded[last], y_t if through else y, a_m,
                                a_m @ comps.site_factors(last)[0], masks[last],
-                               None if dm is None else dm[last], a_base)
+                               None if dm is None else dm[last],
+                               inputs[last] if through else None)
         if cfg.c_stoch is not None:
             aux["stochastic_recon"] = dist(y)
             total = total + cfg.c_stoch * aux["stochastic_recon"]
@@ -558,9 +555,8 @@ def spd_loss(comps: SPDComponents, params: PyTree, x: Array, key: Key, *, apply:
 
         def layerwise(s):
             if s in folded:
-                return _folded_output(apply, params, sites, comps, s, x, y_t, inputs[s],
-                                      inner[s], masks[s], None if dm is None else dm[s],
-                                      inputs[s])
+                return _folded_output(params, comps, s, folded[s], y_t, inputs[s], inner[s],
+                                      masks[s], None if dm is None else dm[s], inputs[s])
             return _batched_forward(apply, params, sites, comps, x, {s: masks[s]},
                                     None if dm is None else {s: dm[s]}, target=target)[0]
 
