@@ -5,8 +5,9 @@
     jaxinterp run METHOD TARGET [--seed N | --seeds A-B] [--steps N] [--out DIR] [--target DIR]
 
 Any config field of the target's recipe can be overridden with ``--field-name value``
-(``jaxinterp train tms-5-2 --lr 1e-3 --batch-size 512``). User errors print one line and
-exit with status 2; no traceback.
+(``jaxinterp train tms-5-2 --lr 1e-3 --batch-size 512``); a method may take options that
+are not fields (``jaxinterp run spd tms-5-2 --recipe main``). User errors print one line
+and exit with status 2; no traceback.
 """
 
 from __future__ import annotations

@@ -207,6 +207,19 @@ def test_cli_run_spd(tmp_path, capsys):
         assert "identity_ci_error" in capsys.readouterr().out
         assert cli_main(["run", "spd", "tms-5-2", "--steps", "5", "--target", str(tdir),
                          "--no-progress", "--topk", "1"]) == 2
+        # --recipe main: the later code's toy recipe under the CLI's field overrides
+        main_out = tmp_path / "spd-main"
+        assert cli_main(["run", "spd", "tms-5-2", "--recipe", "main", "--steps", "10",
+                         "--target", str(tdir), "--out", str(main_out), "--no-progress",
+                         "--steps-per-call", "10", "--batch-size", "128", "--eval-size",
+                         "256", "--faith-warmup-steps", "3"]) == 0
+        mc = json.loads((main_out / "config.json").read_text())["config"]
+        assert (mc["delta"], mc["gated"], mc["c_faith"], mc["init"], mc["schedule"]) == \
+            (True, True, None, "normal", "half_cosine")
+        assert mc["faith_warmup_steps"] == 3 and mc["steps"] == 10
+        assert cli_main(["run", "spd", "tms-5-2", "--recipe", "mian", "--steps", "5",
+                         "--target", str(tdir), "--no-progress"]) == 2
+        assert "expected recipe one of 'paper', 'main', got 'mian'" in capsys.readouterr().err
         # the run reloads: components with the seeds axis, the config, the target
         from jaxinterp.decomposition import load_spd_run
 

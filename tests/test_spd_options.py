@@ -711,6 +711,29 @@ def test_bad_loss_and_init_arguments_raise_clear_errors(getkey):
         spd.init_spd(t.params, sites, 5, 4, ci_fn="conv", key=getkey())
 
 
+def test_main_recipe_presets_follow_section_9():
+    for name in spd_run.PRESETS:
+        paper, main = spd_run.spd_config(name), spd_run.spd_config(name, recipe="main")
+        assert (main.c_faith, main.delta, main.init, main.faith_warmup_steps, main.gated) == \
+            (None, True, "normal", 200, True), name
+        assert (paper.c_faith, paper.delta, paper.init, paper.gated) == \
+            (1.0, False, "projection", False), name
+        assert main.paths == paper.paths and main.c_imp == (
+            1e-5 if name == "resid-mlp-3" else paper.c_imp), name
+    tms = spd_run.spd_config("tms-40-10", recipe="main")
+    assert (tms.steps, tms.schedule, tms.C) == (10_000, "half_cosine", 200)
+    assert spd_run.spd_config("tms-40-10-id", recipe="main").steps == 20_000
+    r1 = spd_run.spd_config("resid-mlp-1", recipe="main")
+    assert (r1.steps, r1.lr, r1.schedule, r1.C) == (20_000, 2e-3, "constant", 100)
+    r3 = spd_run.spd_config("resid-mlp-3", recipe="main")
+    assert (r3.ci_hidden, r3.steps) == (128, 50_000)
+    # explicit overrides win over the recipe
+    assert spd_run.spd_config("tms-5-2", recipe="main", steps=7, delta=False).steps == 7
+    assert not spd_run.spd_config("tms-5-2", recipe="main", delta=False).delta
+    with pytest.raises(ValueError, match=r"expected recipe one of 'paper', 'main', got 'x'"):
+        spd_run.spd_config("tms-5-2", recipe="x")
+
+
 def test_cli_coercion_of_the_new_fields():
     got = coerce_overrides({"p_anneal": "1,0.2,0.8", "clip_norm": "0.5", "delta": "true",
                             "ci_fn": "shared_mlp", "pgd_steps": "3", "c_pgd": "none"},

@@ -205,17 +205,23 @@ def read_saved_run(fn: str, run_dir: str | Path, method: str, config_cls: type,
 
 def cli_runner(method: str, make_config: Callable[..., Any], cls: type,
                int_fields: tuple[str, ...], train: Callable[..., Any],
-               summary: Callable[[Any], dict[str, Any]] | None = None) -> Callable[..., dict]:
+               summary: Callable[[Any], dict[str, Any]] | None = None,
+               options: tuple[str, ...] = ()) -> Callable[..., dict]:
     """The ``run`` callable of a :class:`jaxinterp.methods.Method`: build the config from
     the preset and CLI overrides, load or train the target, decompose all seeds in one
     vmapped run, write ``runs/METHOD-TARGET-seedN`` (or ``--out``) and return the metrics
-    to print (``summary(result)``, default ``result.metrics``)."""
+    to print (``summary(result)``, default ``result.metrics``). ``options`` are CLI
+    options that are not config fields but keyword arguments of ``make_config`` (strings;
+    e.g. SPD's ``--recipe main``)."""
 
     def run(target_name: str, *, seeds: list[int], steps: int | None, out: str | None,
             target_dir: str | None, overrides: dict[str, Any], progress: bool) -> dict:
         if steps is not None:
             overrides = {**overrides, "steps": steps}
-        cfg = make_config(target_name, **coerce_overrides(overrides, cls, method, int_fields))
+        extra = {k: v for k, v in overrides.items() if k in options}
+        overrides = {k: v for k, v in overrides.items() if k not in options}
+        cfg = make_config(target_name, **extra,
+                          **coerce_overrides(overrides, cls, method, int_fields))
         model, tcfg, target = load_or_train_target(target_name, target_dir, progress=progress)
         tag = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
         out = out or f"runs/{method}-{target_name}-{tag}"

@@ -194,8 +194,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def spd_config(target: str, **overrides: Any) -> SPDConfig:
-    """The paper preset for ``target`` with ``overrides`` applied."""
+# The later (``main``) code's toy recipe (specs/spd.md section 9), applied over the paper
+# preset: the delta channel instead of the faithfulness loss, the normal init with 200
+# faithfulness warm-up steps, the clamped CI with the sign-gated leaky backward pass, and
+# per target the schedule / steps / CI width / c_imp that section names.
+_MAIN = dict(c_faith=None, delta=True, init="normal", faith_warmup_steps=200, gated=True)
+_MAIN_TMS = {**_MAIN, "steps": 10_000, "schedule": "half_cosine"}
+MAIN_RECIPE: dict[str, dict[str, Any]] = {
+    "tms-5-2": _MAIN_TMS,
+    "tms-40-10": _MAIN_TMS,
+    "tms-5-2-id": _MAIN_TMS,
+    "tms-40-10-id": {**_MAIN_TMS, "steps": 20_000},
+    "resid-mlp-1": {**_MAIN, "C": 100, "lr": 2e-3, "steps": 20_000},
+    "resid-mlp-2": _MAIN,
+    "resid-mlp-3": {**_MAIN, "ci_hidden": 128, "c_imp": 1e-5, "steps": 50_000},
+}
+RECIPES = ("paper", "main")
+
+
+def spd_config(target: str, recipe: str = "paper", **overrides: Any) -> SPDConfig:
+    """The preset for ``target`` with ``overrides`` applied.
+
+    ``recipe="paper"`` is the paper's preset (section 4); ``"main"`` applies the later
+    code's toy recipe over it (:data:`MAIN_RECIPE`, section 9); ``overrides`` win over both.
+    """
+    check_in("spd_config", "recipe", recipe, RECIPES)
+    if recipe == "main" and target in PRESETS:
+        overrides = {**MAIN_RECIPE[target], **overrides}
     return preset_config(SPDConfig, PRESETS, "spd_config", target, overrides)
 
 
@@ -513,5 +538,5 @@ register_method(Method(
     targets=tuple(PRESETS),
     run=cli_runner("spd", spd_config, SPDConfig,
                    ("C", "ci_hidden", "steps", "batch_size", "seed_batch"),
-                   train_spd, _cli_summary),
+                   train_spd, _cli_summary, options=("recipe",)),
 ))
