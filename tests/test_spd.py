@@ -180,6 +180,25 @@ def test_train_spd_multi_seed_writes_metrics_and_plots(tmp_path):
                     "loss/importance_minimality", "unmasked_recon_mse"):
             assert key in m, key
         assert set(m["identity_ci_error"]) == {".W_enc", ".hidden[0]", ".W_enc:T", "total"}
+        # the unread diagnostic exists for the dense site only and counts a subset of its
+        # errors; recomputed here from the one-hot importances and inner activations
+        for seed_m in m["per_seed"]:
+            unread = seed_m["dense_ci_errors_unread"]
+            assert set(unread) == {".hidden[0]"}
+            assert 0 <= unread[".hidden[0]"] <= seed_m["identity_ci_error"][".hidden[0]"]
+        from jaxinterp.decomposition import spd_run
+        from jaxinterp.decomposition.runs import probe_sites
+        from jaxinterp.decomposition.spd_metrics import dense_ci_unread
+        from jaxinterp.target import from_equinox
+
+        t = from_equinox(model)
+        sites = probe_sites(t, target, tcfg, cfg.paths)
+        c0 = jax.tree.map(lambda a: a[0], res.components)
+        G, H = spd_run.one_hot_importances(c0, t.apply, t.params, sites, 5, gated=False,
+                                           inner=True)
+        assert H[".hidden[0]"].shape == (5, 20)
+        assert dense_ci_unread(G[".hidden[0]"], H[".hidden[0]"], 2) == \
+            m["per_seed"][0]["dense_ci_errors_unread"][".hidden[0]"]
         assert len(m["per_seed"]) == 2 and m["seeds"] == [0, 1]
         for png in ("loss.png", "ci_W_enc.png", "ci_W_enc_T.png", "ci_hidden0.png",
                     "subcomponents_W_enc.png", "subcomponents_hidden0.png"):

@@ -6,6 +6,7 @@ import pytest
 from jaxinterp.decomposition.spd_metrics import (
     ci_l0,
     dense_ci_error,
+    dense_ci_unread,
     identity_ci_error,
     n_non_negligible,
     permute_columns_for_heatmap,
@@ -125,6 +126,26 @@ def test_dense_perfect():
 def test_dense_bad_k(k):
     with pytest.raises(ValueError, match="dense_ci_error: expected k"):
         dense_ci_error(DENSE, k)
+
+
+def test_dense_unread_by_hand():
+    # k = 3 takes columns [2, 0, 3]; its "too low" entries (tol 0.1) are (1, 0) = 0.5 and
+    # column 3's three (0.2, 0.0, 0.0). Reads: column 0 max 4 -> (1, 0) reads 0.3 <= 0.4;
+    # column 3 max 2 -> rows 0 and 2 read 2.0 and 0.25, row 1 reads -0.1 (|.| <= 0.2).
+    H = np.array([[4.0, 1.0, 1.0, 2.0], [0.3, 1.0, 1.0, -0.1], [-4.0, 1.0, 1.0, 0.25]])
+    assert dense_ci_error(DENSE, 3) == 4
+    assert dense_ci_unread(DENSE, H, 3) == 2            # (1, 0) and (1, 3)
+    assert dense_ci_unread(DENSE, H, 3, read_frac=0.13) == 3   # (2, 3): 0.25 <= 0.26
+    assert dense_ci_unread(DENSE, H, 3, read_frac=0.0) == 0
+    assert dense_ci_unread(DENSE, H, 1) == 0            # column 2 has no "too low" entry
+    # permuting columns of both changes nothing
+    assert dense_ci_unread(DENSE[:, ::-1], H[:, ::-1], 3) == 2
+    with pytest.raises(ValueError, match=r"dense_ci_unread: expected H the shape of G"):
+        dense_ci_unread(DENSE, H[:, :3], 3)
+    with pytest.raises(ValueError, match=r"dense_ci_unread: expected k"):
+        dense_ci_unread(DENSE, H, 0)
+    with pytest.raises(ValueError, match=r"dense_ci_unread: expected read_frac"):
+        dense_ci_unread(DENSE, H, 2, read_frac=1.5)
 
 
 def test_ci_l0_by_hand():

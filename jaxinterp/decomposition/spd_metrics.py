@@ -21,6 +21,7 @@ from .._checks import fail
 __all__ = [
     "identity_ci_error",
     "dense_ci_error",
+    "dense_ci_unread",
     "ci_l0",
     "permute_columns_for_heatmap",
     "subcomponent_norms",
@@ -132,12 +133,51 @@ def dense_ci_error(G: ArrayLike, k: int, tol: float = 0.1) -> int:
     """
     fn = "dense_ci_error"
     G = _importances(fn, G, tol)
+    order = _dense_order(fn, G, k)
+    top, rest = G[:, order[:k]], G[:, order[k:]]
+    return int(np.sum(top < 1.0 - tol)) + int(np.sum(rest > tol))
+
+
+def _dense_order(fn: str, G: np.ndarray, k: int) -> np.ndarray:
+    """Columns by column sum, descending (stable), after checking ``1 <= k <= C``."""
     C = G.shape[1]
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= C:
         raise fail(fn, "k", f"an integer in [1, C={C}]", k)
-    order = np.argsort(-G.sum(axis=0), kind="stable")
-    top, rest = G[:, order[:k]], G[:, order[k:]]
-    return int(np.sum(top < 1.0 - tol)) + int(np.sum(rest > tol))
+    return np.argsort(-G.sum(axis=0), kind="stable")
+
+
+def dense_ci_unread(G: ArrayLike, H: ArrayLike, k: int, tol: float = 0.1,
+                    read_frac: float = 0.1) -> int:
+    """How many of the dense(k) pattern's "too low" errors sit where the subcomponent
+    barely reads the input: ``#{(i, c) : c in the first k, G[i, c] < 1 - tol,
+    |H[i, c]| <= read_frac * max_j |H[j, c]|}``.
+
+    A diagnostic next to :func:`dense_ci_error`: a subcomponent whose inner activation
+    ``h = a . v_c`` on feature i's one-hot input is (near) zero contributes (almost)
+    nothing to that input's output, so the importance loss prefers its CI at 0 there —
+    a neuron-aligned ``mlp_out`` piece whose neuron is off, or an identity piece whose
+    read direction is orthogonal to a feature's hidden vector.
+
+    Args:
+        G: causal importances of the one-hot inputs, ``(n_features, C)``; clipped to [0, 1].
+        H: the subcomponents' inner activations on the same inputs, ``(n_features, C)``.
+        k, tol: as in :func:`dense_ci_error` (same column order).
+        read_frac: a read is "barely" when at most this fraction of the column's largest.
+
+    Raises:
+        ValueError: ``G`` or ``H`` is not a finite matrix, their shapes differ, or ``k``,
+            ``tol`` or ``read_frac`` is out of range.
+    """
+    fn = "dense_ci_unread"
+    G = _importances(fn, G, tol)
+    H = np.abs(_matrix(fn, "H", H, "(n_features, C)"))
+    if H.shape != G.shape:
+        raise fail(fn, "H", f"the shape of G {G.shape}", f"shape {H.shape}")
+    _check_tol(fn, "read_frac", read_frac)
+    top = _dense_order(fn, G, k)[:k]
+    low = G[:, top] < 1.0 - tol
+    unread = H[:, top] <= read_frac * H[:, top].max(axis=0, keepdims=True)
+    return int(np.sum(low & unread))
 
 
 def ci_l0(g: ArrayLike, tau: float = 0.1) -> float:

@@ -38,6 +38,7 @@ from .runs import (
 )
 from .spd_metrics import (
     dense_ci_error,
+    dense_ci_unread,
     identity_ci_error,
     n_non_negligible,
     permute_columns_for_heatmap,
@@ -352,19 +353,22 @@ def _patterns(sites: apd.Sites, params: Any) -> dict[str, tuple[str, int]]:
 
 
 def one_hot_importances(comps: spd.SPDComponents, apply: Any, params: Any, sites: apd.Sites,
-                        n_features: int, *, gated: bool, value: float = 0.75
-                        ) -> dict[str, np.ndarray]:
-    """``{site: (n_features, C)}`` importances of ``value * e_i``, clipped to [0, 1]."""
+                        n_features: int, *, gated: bool, value: float = 0.75,
+                        inner: bool = False) -> Any:
+    """``{site: (n_features, C)}`` importances of ``value * e_i``, clipped to [0, 1]; with
+    ``inner=True`` also the inner activations ``h = a V`` there, as a second dict."""
     xs = value * jnp.eye(n_features)
 
     def one(x):
         _, cache = forward_sites(apply, params, x, sites.paths)
-        g, _ = spd.causal_importances(comps, {s: a for s, (a, _) in cache.items()},
-                                      gated=gated)
-        return g
+        acts = {s: a for s, (a, _) in cache.items()}
+        h = spd.inner_acts(comps, acts)
+        g, _ = spd.causal_importances(comps, acts, gated=gated, inner=h)
+        return g, h
 
-    g = eqx.filter_jit(jax.vmap(one))(xs)
-    return {s: np.clip(np.asarray(v), 0.0, 1.0) for s, v in g.items()}
+    g, h = eqx.filter_jit(jax.vmap(one))(xs)
+    G = {s: np.clip(np.asarray(v), 0.0, 1.0) for s, v in g.items()}
+    return (G, {s: np.asarray(v) for s, v in h.items()}) if inner else G
 
 
 def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
@@ -374,14 +378,16 @@ def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
     ``pgd_recon_mse``, the MSE at the PGD sources of ``cfg`` (delta channel if
     ``cfg.delta``)."""
     n_feat = target_cfg.n_features
-    G = one_hot_importances(comps, apply, params, sites, n_feat, gated=cfg.gated)
+    G, H = one_hot_importances(comps, apply, params, sites, n_feat, gated=cfg.gated,
+                               inner=True)
     pats = _patterns(sites, params)
-    errs, errs02 = {}, {}
+    errs, errs02, unread = {}, {}, {}
     for s, (kind, k) in pats.items():
         if kind == "identity":
             errs[s], errs02[s] = identity_ci_error(G[s], 0.1), identity_ci_error(G[s], 0.2)
         else:
             errs[s], errs02[s] = dense_ci_error(G[s], k, 0.1), dense_ci_error(G[s], k, 0.2)
+            unread[s] = dense_ci_unread(G[s], H[s], k, 0.1)
     b = min(cfg.batch_size, 2048)
     n_chunks = max(1, cfg.eval_size // b)
     dcfg = dataclasses.replace(target_cfg, batch_size=b)
@@ -413,6 +419,9 @@ def evaluate_spd(comps: spd.SPDComponents, model: Any, apply: Any, params: Any,
     m: dict[str, Any] = {
         "identity_ci_error": {**errs, "total": int(sum(errs.values()))},
         "identity_ci_error_tol0.2": {**errs02, "total": int(sum(errs02.values()))},
+        # dense-pattern errors where the subcomponent reads <= 10 % of its largest one-hot
+        # read (its CI at 0 there is what the importance loss prefers)
+        "dense_ci_errors_unread": unread,
         "ci_l0": {s: float(np.mean(v)) for s, v in out["l0"].items()},
         "ci_l0_tau0.8": {s: float(np.mean(v)) for s, v in out["l0_8"].items()},
         "unmasked_recon_mse": float(np.mean(out["unmasked"])),
