@@ -200,6 +200,10 @@ def test_train_spd_multi_seed_writes_metrics_and_plots(tmp_path):
         assert dense_ci_unread(G[".hidden[0]"], H[".hidden[0]"], 2) == \
             m["per_seed"][0]["dense_ci_errors_unread"][".hidden[0]"]
         assert len(m["per_seed"]) == 2 and m["seeds"] == [0, 1]
+        assert m["per_seed"][0]["n_non_negligible_expected"] == {".W_enc": 5, ".hidden[0]": 2}
+        assert m["seed_success"] == [spd_run.seed_success(sm, cfg) for sm in m["per_seed"]]
+        assert m["success_rate"] == np.mean(m["seed_success"])
+        assert m["success_rate_unread_excluded"] == np.mean(m["seed_success_unread_excluded"])
         for png in ("loss.png", "ci_W_enc.png", "ci_W_enc_T.png", "ci_hidden0.png",
                     "subcomponents_W_enc.png", "subcomponents_hidden0.png"):
             assert (tmp_path / png).exists(), png
@@ -303,3 +307,33 @@ def test_scalar_mlps_match_autodiff_of_exact_gelu(shape, stored, getkey, monkeyp
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_seed_success_rule():
+    """Every criterion of the issue fails a seed on its own; unread dense errors only
+    count under the strict rule."""
+    from jaxinterp.decomposition import spd_config
+    from jaxinterp.decomposition.spd_run import seed_success
+
+    cfg = spd_config("tms-5-2-id")
+    good = {"identity_ci_error": {".W_enc": 0, ".hidden[0]": 0, "total": 0},
+            "dense_ci_errors_unread": {".hidden[0]": 0}, "mmcs": 0.9995, "ml2r": 1.0,
+            "n_non_negligible": {".W_enc": 5, ".hidden[0]": 2},
+            "n_non_negligible_expected": {".W_enc": 5, ".hidden[0]": 2}}
+    assert seed_success(good, cfg) and seed_success(good, cfg, count_unread=False)
+    bad = [{"mmcs": 0.9989}, {"ml2r": 0.969}, {"ml2r": 1.031},
+           {"n_non_negligible": {".W_enc": 6, ".hidden[0]": 2}},
+           {"n_non_negligible": {".W_enc": 5, ".hidden[0]": 3}},
+           {"identity_ci_error": {".W_enc": 1, ".hidden[0]": 0, "total": 1}}]
+    for change in bad:
+        m = {**good, **change}
+        assert not seed_success(m, cfg) and not seed_success(m, cfg, count_unread=False), change
+    # two dense errors, both where the piece reads nothing: strict fails, alternative passes
+    m = {**good, "identity_ci_error": {".W_enc": 0, ".hidden[0]": 2, "total": 2},
+         "dense_ci_errors_unread": {".hidden[0]": 2}}
+    assert not seed_success(m, cfg) and seed_success(m, cfg, count_unread=False)
+    m["dense_ci_errors_unread"] = {".hidden[0]": 1}  # one read error left
+    assert not seed_success(m, cfg, count_unread=False)
+    # resid targets: IdentityCIError only (no MMCS, no expected counts)
+    resid = {"identity_ci_error": {"total": 0}, "n_non_negligible": {".mlp_in": 103}}
+    assert seed_success(resid, spd_config("resid-mlp-1"))
