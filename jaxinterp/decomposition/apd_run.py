@@ -12,7 +12,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +34,7 @@ from .runs import (
     preset_config,
     probe_sites,
     read_saved_run,
+    saved_components,
     summary_head,
 )
 
@@ -237,14 +237,9 @@ def load_apd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -
         ValueError: if the directory holds no finished APD run or the target differs.
     """
     run = read_saved_run("load_apd_run", run_dir, "apd", APDConfig, target_dir)
-    cfg, seeds = run.config, run.seeds
-    t = from_equinox(run.model)
-    sites = probe_sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1),
-                        cfg.paths)
-    m = int(run.header.get("m") or _rank(t.params, cfg))
-    like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, cfg, m, k)),
-                                 jnp.stack([seed_key(s) for s in seeds]))
-    comps, _ = io.load_tree(run.file, like)
+    cfg, seeds, m = run.config, run.seeds, run.header.get("m")
+    sites, comps = saved_components(
+        run, cfg.paths, lambda params, _, k: _init(params, cfg, int(m or _rank(params, cfg)), k))
     metrics_file = Path(run_dir) / "metrics.json"
     metrics = io.read_json(metrics_file) if metrics_file.is_file() else {}
     return APDRun(comps, cfg, seeds, metrics, run.model, run.target, run.target_config, sites)

@@ -203,6 +203,26 @@ def read_saved_run(fn: str, run_dir: str | Path, method: str, config_cls: type,
     return SavedRun(file, header, config_cls(**raw), seeds, model, target, target_cfg)
 
 
+def saved_components(run: SavedRun, paths: tuple[str, ...],
+                     init: Callable[[Any, Any, jax.Array], Any]) -> tuple[Any, Any]:
+    """The decomposed sites of a reloaded run's target and its trained components (leading
+    seeds axis), read from ``components.eqx`` into the shapes ``init(params, sites, key)``
+    gives one seed (only traced, never run)."""
+    import equinox as eqx
+
+    from .. import io
+    from ..rng import seed_key
+    from ..target import from_equinox
+
+    t = from_equinox(run.model)
+    sites = probe_sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1),
+                        paths)
+    like = eqx.filter_eval_shape(jax.vmap(lambda k: init(t.params, sites, k)),
+                                 jnp.stack([seed_key(s) for s in run.seeds]))
+    comps, _ = io.load_tree(run.file, like)
+    return sites, comps
+
+
 def cli_runner(method: str, make_config: Callable[..., Any], cls: type,
                int_fields: tuple[str, ...], train: Callable[..., Any],
                summary: Callable[[Any], dict[str, Any]] | None = None,

@@ -34,6 +34,7 @@ from .runs import (
     preset_config,
     probe_sites,
     read_saved_run,
+    saved_components,
     summary_head,
 )
 from .spd_metrics import (
@@ -330,12 +331,8 @@ def load_spd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -
     """
     run = read_saved_run("load_spd_run", run_dir, "spd", SPDConfig, target_dir)
     cfg, seeds = run.config, run.seeds
-    t = from_equinox(run.model)
-    sites = probe_sites(t, run.target, dataclasses.replace(run.target_config, batch_size=1),
-                        cfg.paths)
-    like = eqx.filter_eval_shape(jax.vmap(lambda k: _init(t.params, sites, cfg, k)),
-                                 jnp.stack([seed_key(s) for s in seeds]))
-    comps, _ = io.load_tree(run.file, like)
+    sites, comps = saved_components(run, cfg.paths,
+                                    lambda params, sites, k: _init(params, sites, cfg, k))
     return SPDRun(comps, cfg, seeds, run.model, run.target, run.target_config, sites)
 
 
