@@ -273,40 +273,63 @@ def test_resid_evaluation_reports_neuron_contributions(tmp_path):
         assert (tmp_path / "subcomponents_layers0_mlp_in.png").exists()
 
 
-@pytest.mark.parametrize("stored", [True, False])
+@pytest.mark.parametrize("rows", ["whole", "chunks"])
+@pytest.mark.parametrize("zeros", ["none", "some", "all"])
 @pytest.mark.parametrize("shape", [(5,), (7, 5), (3, 4, 5), (300, 5)])
-def test_scalar_mlps_match_autodiff_of_exact_gelu(shape, stored, getkey, monkeypatch):
+def test_scalar_mlps_match_autodiff_of_exact_gelu(shape, zeros, rows, getkey, monkeypatch):
     """The custom-VJP CI MLPs equal autodiff of ``jax.nn.gelu(approximate=False)``, values
-    and all five gradients, for any leading axes, in one piece with GELU and GELU' kept
-    for the backward pass, and recomputed in chunks (several when large)."""
+    and all five gradients, for any leading axes: computed whole, or in chunks of rows with
+    the all-zero rows skipped (none, some, or every row zero)."""
     from jaxinterp.decomposition.spd import core
 
-    monkeypatch.setattr(core, "_CHUNK_FLOATS", 1000)  # (300, 5) with H=6: 9 chunks
-    monkeypatch.setattr(core, "_STORE_FLOATS", 10**9 if stored else 0)
+    monkeypatch.setattr(core, "_CHUNK_ROWS", 10**6 if rows == "whole" else 4)
     C, H = shape[-1], 6
     h = jax.random.normal(getkey(), shape, jnp.float64)
+    if zeros != "none":  # zero rows, also inside partly live chunks
+        keep = jax.random.bernoulli(getkey(), 0.3, shape[:-1] + (1,)) if zeros == "some" else 0.0
+        h = h * keep
     params = (jax.random.normal(getkey(), (C, H), jnp.float64),
               jax.random.normal(getkey(), (C, H), jnp.float64),
               jax.random.normal(getkey(), (C, H), jnp.float64),
               jax.random.normal(getkey(), (C,), jnp.float64))
-
-    lead = (1,) * (len(shape) - 1)
-
-    def reference(h, w_in, b_in, w_out, b_out):
-        w_in, b_in, w_out = (w.reshape(lead + w.shape) for w in (w_in, b_in, w_out))
-        hid = jax.nn.gelu(h[..., None] * w_in + b_in, approximate=False)
-        return jnp.sum(hid * w_out, axis=-1) + b_out.reshape(lead + b_out.shape)
-
-    def loss(f):
-        return lambda *a: jnp.sum(jnp.sin(3.0 * f(*a)))
-
-    np.testing.assert_allclose(spd.scalar_mlps(h, *params), reference(h, *params), rtol=1e-12,
+    np.testing.assert_allclose(spd.scalar_mlps(h, *params), _ref_mlps(h, *params), rtol=1e-12,
                                atol=1e-12)
-    got = jax.grad(loss(spd.scalar_mlps), argnums=(0, 1, 2, 3, 4))(h, *params)
-    want = jax.grad(loss(reference), argnums=(0, 1, 2, 3, 4))(h, *params)
+    got = jax.grad(_sin_loss(spd.scalar_mlps), argnums=(0, 1, 2, 3, 4))(h, *params)
+    want = jax.grad(_sin_loss(_ref_mlps), argnums=(0, 1, 2, 3, 4))(h, *params)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def _ref_mlps(h, w_in, b_in, w_out, b_out):
+    lead = (1,) * (h.ndim - 1)
+    w_in, b_in, w_out = (w.reshape(lead + w.shape) for w in (w_in, b_in, w_out))
+    hid = jax.nn.gelu(h[..., None] * w_in + b_in, approximate=False)
+    return jnp.sum(hid * w_out, axis=-1) + b_out.reshape(lead + b_out.shape)
+
+
+def _sin_loss(f):
+    return lambda *a: jnp.sum(jnp.sin(3.0 * f(*a)))
+
+
+def test_scalar_mlps_under_vmap_with_different_zero_rows(getkey, monkeypatch):
+    """Vmapped (as over seeds), each member skips its own zero rows: the chunk loop runs
+    as long as the densest member needs, and every member's values and gradients equal
+    autodiff of the reference (one member dense, one half zero, one all zero)."""
+    from jaxinterp.decomposition.spd import core
+
+    monkeypatch.setattr(core, "_CHUNK_ROWS", 8)
+    C, H = 3, 5
+    h = jax.random.normal(getkey(), (3, 64, C), jnp.float64)
+    h = h * jnp.stack([jnp.ones((64, 1)), (jnp.arange(64) % 2)[:, None], jnp.zeros((64, 1))])
+    params = tuple(jax.random.normal(getkey(), (3,) + s, jnp.float64)
+                   for s in ((C, H), (C, H), (C, H), (C,)))
+    fn = jax.jit(jax.vmap(jax.value_and_grad(_sin_loss(spd.scalar_mlps), argnums=(0, 1, 2, 3, 4))))
+    ref = jax.vmap(jax.value_and_grad(_sin_loss(_ref_mlps), argnums=(0, 1, 2, 3, 4)))
+    (v, g), (rv, rg) = fn(h, *params), ref(h, *params)
+    np.testing.assert_allclose(v, rv, rtol=1e-12)
+    for a, b in zip(g, rg, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_seed_success_rule():

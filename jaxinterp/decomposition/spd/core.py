@@ -79,58 +79,40 @@ def scalar_mlps(h: Array, w_in: Array, b_in: Array, w_out: Array, b_out: Array) 
     b_out[c]`` (exact erf GELU) for ``h: (..., C)``, weights ``(C, H)``, ``b_out: (C,)``.
 
     Same values and gradients as autodiff of ``jax.nn.gelu(approximate=False)`` (to float
-    rounding), 1.3x (tms-5-2) to 2.4x (tms-40-10) faster on CPU: this MLP is the largest
-    cost of an SPD step on the toys. The hidden tensor is laid out ``(C, n, H)`` so every
-    contraction is a batched dot with a leading batch axis, and processed in chunks of
-    ``n`` rows that stay in cache (:data:`_CHUNK_FLOATS`); ``erf`` replaces
-    ``jax.nn.gelu``'s ``erfc`` (4x cheaper on CPU); the hand-written backward pass
-    recomputes the pre-activations once per chunk and takes GELU and GELU' from one
-    ``erf`` and one ``exp``, accumulating the parameter gradients in a ``lax.scan``. A
-    small hidden tensor (at most :data:`_STORE_FLOATS` entries, e.g. tms-5-2's 1.3M) is
-    instead computed whole and its GELU and GELU' are kept for the backward pass: 1.8 vs
-    2.9 ms per site there, while at resid-mlp-1's 3.3M the chunks win (5.3 vs 6-10 ms).
+    rounding), and much faster on CPU: this MLP is the largest cost of an SPD step on the
+    toys. The hidden tensor is laid out ``(C, n, H)`` so every contraction is a batched dot
+    with a leading batch axis; ``erf`` replaces ``jax.nn.gelu``'s ``erfc`` (4x cheaper on
+    CPU), and GELU and GELU' share one ``erf`` and one ``exp``.
+
+    **Rows of ``h`` that are all zero are not run through the MLP**: their output is the
+    one vector ``z(0)`` and their gradients follow from sums of ``dz`` (``dw_in`` gets
+    nothing from them, ``db_in`` and ``dw_out`` get ``sum dz`` times ``w_out GELU'(b_in)``
+    and ``GELU(b_in)``, ``dh = dz * sum_k w_out w_in GELU'(b_in)``). Sparse-feature toys
+    have many such rows (an example with no active feature: 77 % of tms-5-2's, 13 % of
+    tms-40-10's, 37 % of resid-mlp-1's). The other rows are moved to the front (a stable
+    compaction, no sort) and run in chunks of :func:`_chunk_rows` rows by a
+    ``lax.while_loop`` that stops after the last chunk holding one; the backward pass
+    recomputes GELU and GELU' per chunk. Under ``vmap`` (seeds) the loop runs as many
+    chunks as the densest member needs. Inputs of at most one chunk of rows are computed
+    whole, with GELU and GELU' kept for the backward pass.
     """
     return _scalar_mlps_fwd(h, w_in, b_in, w_out, b_out)[0]
 
 
-_CHUNK_FLOATS = 1 << 20  # entries of one (C, n, H) hidden chunk (4 MiB in float32)
-_STORE_FLOATS = 1 << 21  # up to this many hidden entries: one piece, GELU and GELU' kept
+_CHUNK_FLOATS = 1 << 21  # at most this many entries in one (C, n, H) hidden chunk
+_CHUNK_ROWS = 256  # and at most this many rows (measured best at tms-5-2, tms-40-10, resid-mlp-1)
 
 
-def _chunked(h: Array, C: int, H: int) -> tuple[Array, int]:
-    """``h: (..., C)`` as ``(k, C, n)`` chunks of rows (zero-padded), and the row count."""
-    hT = h.reshape(-1, C).T
-    N = hT.shape[1]
-    k = max(1, math.ceil(N * C * H / _CHUNK_FLOATS))
-    n = math.ceil(N / k)
-    return jnp.pad(hT, ((0, 0), (0, k * n - N))).reshape(C, k, n).transpose(1, 0, 2), N
-
-
-def _unchunked(a: Array, N: int, shape: tuple[int, ...]) -> Array:
-    """Inverse of :func:`_chunked`: ``(k, C, n) -> shape``."""
-    k, C, n = a.shape
-    return a.transpose(1, 0, 2).reshape(C, k * n)[:, :N].T.reshape(shape)
+def _chunk_rows(C: int, H: int) -> int:
+    """Rows per chunk: a power of two, at most :data:`_CHUNK_ROWS`, within
+    :data:`_CHUNK_FLOATS` hidden entries where possible (at least 8 rows)."""
+    fit = max(1, _CHUNK_FLOATS // (C * H))
+    return max(min(8, _CHUNK_ROWS), min(_CHUNK_ROWS, 1 << (fit.bit_length() - 1)))
 
 
 def _hidden(hc: Array, w_in: Array, b_in: Array) -> tuple[Array, Array]:
     """GELU and GELU' ``(C, n, H)`` of the pre-activations of rows ``hc: (C, n)``."""
     return _gelu_parts(hc[..., None] * w_in[:, None, :] + b_in[:, None, :])
-
-
-def _scalar_mlps_fwd(h, w_in, b_in, w_out, b_out):
-    C, H = w_in.shape
-    bias = b_out.reshape((1,) * (h.ndim - 1) + (C,))
-    if h.size * H <= _STORE_FLOATS:
-        hT = h.reshape(-1, C).T
-        g, dg = _hidden(hT, w_in, b_in)
-        z = jnp.einsum("cnk,ck->cn", g, w_out).T.reshape(h.shape)
-        return z + bias, (h, w_in, b_in, w_out, (g, dg))
-    chunks, N = _chunked(h, C, H)
-
-    def one(hc):  # (C, n) -> (C, n)
-        return jnp.einsum("cnk,ck->cn", _hidden(hc, w_in, b_in)[0], w_out)
-
-    return _unchunked(jax.lax.map(one, chunks), N, h.shape) + bias, (h, w_in, b_in, w_out, None)
 
 
 def _mlp_grads(hc, dc, gelu, dgelu, w_in, w_out):
@@ -141,26 +123,74 @@ def _mlp_grads(hc, dc, gelu, dgelu, w_in, w_out):
             jnp.sum(dpre, axis=1), jnp.einsum("cn,cnk->ck", dc, gelu))
 
 
-def _scalar_mlps_bwd(res, dz):
-    h, w_in, b_in, w_out, stored = res
+def _to_chunks(a: Array, order: Array, m: int, n: int) -> Array:
+    """Rows ``a: (N, C)`` taken in ``order`` as ``(m, C, n)`` chunks (zero-padded)."""
+    N, C = a.shape
+    return jnp.pad(a[order].T, ((0, 0), (0, m * n - N))).reshape(C, m, n).transpose(1, 0, 2)
+
+
+def _from_chunks(a: Array, pos: Array) -> Array:
+    """Inverse of :func:`_to_chunks`: ``(m, C, n) -> (N, C)``, row ``r`` from ``pos[r]``."""
+    m, C, n = a.shape
+    return a.transpose(1, 0, 2).reshape(C, m * n).T[pos]
+
+
+def _scalar_mlps_fwd(h, w_in, b_in, w_out, b_out):
     C, H = w_in.shape
-    d_bout = jnp.sum(dz.reshape(-1, C), axis=0)
-    if stored is not None:
-        dh, d_win, d_bin, d_wout = _mlp_grads(h.reshape(-1, C).T, dz.reshape(-1, C).T,
-                                              *stored, w_in, w_out)
+    hf = h.reshape(-1, C)
+    N, n = hf.shape[0], _chunk_rows(C, H)
+    if N <= n:  # one chunk: computed whole, GELU and GELU' kept
+        g, dg = _hidden(hf.T, w_in, b_in)
+        z = jnp.einsum("cnk,ck->cn", g, w_out).T + b_out[None, :]
+        return z.reshape(h.shape), (h, w_in, b_in, w_out, (g, dg))
+    live = jnp.any(hf != 0, axis=1)
+    n_live = jnp.sum(live, dtype=jnp.int32)
+    # stable compaction: live rows first, then the zero rows, each in their own order
+    pos = jnp.where(live, jnp.cumsum(live, dtype=jnp.int32) - 1,
+                    n_live + jnp.cumsum(~live, dtype=jnp.int32) - 1)
+    order = jnp.zeros(N, jnp.int32).at[pos].set(jnp.arange(N, dtype=jnp.int32))
+    m = -(-N // n)
+    n_run = -(-n_live // n)  # chunks holding a live row
+    hs = _to_chunks(hf, order, m, n)
+    z0 = jnp.einsum("ck,ck->c", _gelu_parts(b_in)[0], w_out)
+
+    def body(carry):
+        i, zs = carry
+        zi = jnp.einsum("cnk,ck->cn", _hidden(hs[i], w_in, b_in)[0], w_out)
+        return i + 1, jax.lax.dynamic_update_index_in_dim(zs, zi, i, 0)
+
+    zs = jnp.broadcast_to(z0[None, :, None], (m, C, n))
+    _, zs = jax.lax.while_loop(lambda c: c[0] < n_run, body, (jnp.int32(0), zs))
+    z = _from_chunks(zs, pos) + b_out[None, :]
+    return z.reshape(h.shape), (h, w_in, b_in, w_out, (hs, order, pos, n_run))
+
+
+def _scalar_mlps_bwd(res, dz):
+    h, w_in, b_in, w_out, saved = res
+    C, H = w_in.shape
+    dzf = dz.reshape(-1, C)
+    d_bout = jnp.sum(dzf, axis=0)
+    if len(saved) == 2:  # computed whole
+        dh, d_win, d_bin, d_wout = _mlp_grads(h.reshape(-1, C).T, dzf.T, *saved, w_in, w_out)
         return dh.T.reshape(h.shape), d_win, d_bin, d_wout, d_bout
-    h_chunks, N = _chunked(h, C, H)
-    dz_chunks, _ = _chunked(dz, C, H)
+    hs, order, pos, n_run = saved
+    m, _, n = hs.shape
+    ds = _to_chunks(dzf, order, m, n)
+    # the chunks the loop skips hold only zero rows: pre-activation b_in
+    g0, dg0 = _gelu_parts(b_in)
+    skipped = jnp.sum(jnp.where(jnp.arange(m)[:, None, None] >= n_run, ds, 0.0), axis=(0, 2))
+    acc = (jnp.zeros_like(w_in), skipped[:, None] * w_out * dg0, skipped[:, None] * g0)
+    dhs = ds * jnp.einsum("ck,ck,ck->c", w_out, dg0, w_in)[None, :, None]
 
-    def step(acc, xs):
-        hc, dc = xs
-        gelu, dgelu = _hidden(hc, w_in, b_in)
-        dh, *grads = _mlp_grads(hc, dc, gelu, dgelu, w_in, w_out)
-        return tuple(a + g for a, g in zip(acc, grads, strict=True)), dh
+    def body(carry):
+        i, acc, dhs = carry
+        dh, *grads = _mlp_grads(hs[i], ds[i], *_hidden(hs[i], w_in, b_in), w_in, w_out)
+        acc = tuple(a + g for a, g in zip(acc, grads, strict=True))
+        return i + 1, acc, jax.lax.dynamic_update_index_in_dim(dhs, dh, i, 0)
 
-    zero = jnp.zeros_like(w_in)
-    (d_win, d_bin, d_wout), dh = jax.lax.scan(step, (zero, zero, zero), (h_chunks, dz_chunks))
-    return _unchunked(dh, N, h.shape), d_win, d_bin, d_wout, d_bout
+    _, (d_win, d_bin, d_wout), dhs = jax.lax.while_loop(
+        lambda c: c[0] < n_run, body, (jnp.int32(0), acc, dhs))
+    return _from_chunks(dhs, pos).reshape(h.shape), d_win, d_bin, d_wout, d_bout
 
 
 scalar_mlps.defvjp(_scalar_mlps_fwd, _scalar_mlps_bwd)
