@@ -158,3 +158,71 @@ def test_seeds_requires_key_batch():
         fit(quad_loss, params, frozen, optax.sgd(0.1), sample, steps=2, key=jax.random.key(0),
             seeds=True, progress=False)
 
+
+
+def _write_checkpoint(path, header, steps=20):
+    params, frozen, opt = setup()
+    fit(quad_loss, params, frozen, opt, sample, steps=steps, key=jax.random.key(0),
+        steps_per_call=10, checkpoint_dir=path, header=header, progress=False)
+
+
+def test_check_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    from jaxinterp.train.fit import check_resume
+
+    header = {"target": "t", "config": {"lr": 0.05, "steps": 20, "steps_per_call": 10,
+                                        "gate_mse": 0.1, "gated": False}, "seeds": [0, 1]}
+    _write_checkpoint(tmp_path, header)
+    ckpt = tmp_path / "checkpoint.eqx"
+    check_resume(tmp_path / "none.eqx", {"anything": 1}, 1)  # no checkpoint: nothing to check
+    check_resume(ckpt, header, 20)
+    # run mechanics and evaluation thresholds may change; entries one side lacks are skipped
+    cfg = header["config"]
+    check_resume(ckpt, {**header, "config": {**cfg, "steps_per_call": 5, "gate_mse": 0.2,
+                                             "new_field": 3}, "extra": 1}, 20)
+    for changed, name in [({**header, "config": {**cfg, "lr": 0.01}}, "config.lr"),
+                          ({**header, "seeds": [0, 2]}, "seeds"),
+                          ({**header, "target": "u"}, "target"),
+                          ({**header, "config": {**cfg, "gated": True}}, "config.gated")]:
+        with pytest.raises(ValueError, match=f"{name} .* \\(checkpoint\\) vs .*--no-resume"):
+            check_resume(ckpt, changed, 20)
+    # more steps: only when the schedule does not depend on the total
+    longer = {**header, "config": {**cfg, "steps": 40}}
+    with pytest.raises(ValueError, match="config.steps 20 .*depends on the total"):
+        check_resume(ckpt, longer, 40)
+    check_resume(ckpt, longer, 40, extendable=True)
+    # never fewer steps than the checkpoint has done
+    with pytest.raises(ValueError, match="steps >= 20, the step of the checkpoint.*has done 20"):
+        check_resume(ckpt, {**header, "config": {**cfg, "steps": 10}}, 10, extendable=True)
+    # fit itself checks before loading
+    params, frozen, opt = setup()
+    with pytest.raises(ValueError, match="config.lr"):
+        fit(quad_loss, params, frozen, opt, sample, steps=20, key=jax.random.key(0),
+            steps_per_call=10, checkpoint_dir=tmp_path, progress=False,
+            header={**header, "config": {**cfg, "lr": 0.01}})
+    fit(quad_loss, params, frozen, opt, sample, steps=20, key=jax.random.key(0),
+        steps_per_call=10, checkpoint_dir=tmp_path, progress=False, resume=False,
+        header={**header, "config": {**cfg, "lr": 0.01}})  # starting afresh is allowed
+
+
+def test_resume_rules_of_the_configs():
+    from jaxinterp.decomposition import l3d_config, spd_config
+    from jaxinterp.models.tms import TMSConfig
+    from jaxinterp.train import depends_on_total
+    from jaxinterp.train.fit import resume_rules
+
+    assert not depends_on_total("constant") and not depends_on_total("step")
+    assert depends_on_total("quarter_cosine") and depends_on_total("linear")
+    assert depends_on_total("constant", warmup_frac=0.1)
+    assert not depends_on_total("constant", warmup_frac=0.1, warmup_steps=5)  # steps win
+    free, ext = resume_rules(TMSConfig(schedule="constant"))
+    assert ext and {"steps_per_call", "eval_every", "checkpoint_every"} <= set(free)
+    assert "steps" not in free and "lr" not in free
+    assert not resume_rules(TMSConfig(schedule="half_cosine"))[1]
+    assert not resume_rules(TMSConfig(schedule="constant", warmup_frac=0.1))[1]
+    assert resume_rules(TMSConfig(schedule="constant", warmup_frac=0.1, warmup_steps=3))[1]
+    free, ext = resume_rules(spd_config("resid-mlp-3", recipe="main"))  # constant lr
+    assert ext and {"seed_batch", "eval_size"} <= set(free)
+    assert "gated" not in free and "delta" not in free
+    assert not resume_rules(spd_config("resid-mlp-3", p_anneal=(1.0, 0.0, 1.0)))[1]
+    assert not resume_rules(spd_config("tms-5-2"))[1]  # quarter-cosine
+    assert not resume_rules(l3d_config("tms-5-2"))[1]  # steps from epochs

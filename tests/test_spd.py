@@ -211,6 +211,40 @@ def test_train_spd_multi_seed_writes_metrics_and_plots(tmp_path):
             spd_config("tms-5-2", n_components=3)
 
 
+def test_spd_run_extends_with_a_constant_schedule_and_refuses_other_settings(tmp_path):
+    """A run resumed with more steps under a constant learning rate equals one run of that
+    length bit for bit (the incremental way to run the long resid-mlp-3 preset); resuming
+    with another setting fails before ``config.json`` is overwritten."""
+    import json
+
+    from jaxinterp.decomposition import spd_config, train_spd
+
+    with jax.enable_x64(False):
+        target = ji.get_target("tms-5-2")
+        tcfg = target.config(steps=100, n_seeds=1)
+        model = ji.train_target(target, tcfg, progress=False, plots=False).model
+        kw = dict(schedule="constant", steps_per_call=10, batch_size=128, eval_size=256)
+        a, b = tmp_path / "a", tmp_path / "b"
+        train_spd(model, target, tcfg, spd_config("tms-5-2", steps=20, **kw), [3], out=a,
+                  progress=False)
+        extended = train_spd(model, target, tcfg, spd_config("tms-5-2", steps=40, **kw), [3],
+                             out=a, progress=False)
+        fresh = train_spd(model, target, tcfg, spd_config("tms-5-2", steps=40, **kw), [3],
+                          out=b, progress=False)
+        for x, y in zip(jax.tree.leaves(extended.components), jax.tree.leaves(fresh.components),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_array_equal(extended.history["loss"], fresh.history["loss"])
+        assert extended.metrics["mmcs"] == fresh.metrics["mmcs"]
+        with pytest.raises(ValueError, match="config.c_imp .*--no-resume"):
+            train_spd(model, target, tcfg, spd_config("tms-5-2", steps=40, c_imp=1e-2, **kw),
+                      [3], out=a, progress=False)
+        assert json.loads((a / "config.json").read_text())["config"]["c_imp"] == 3e-3
+        with pytest.raises(ValueError, match="config.steps .*depends on the total"):
+            train_spd(model, target, tcfg, spd_config("tms-5-2", steps=60, **{
+                **kw, "schedule": "quarter_cosine"}), [3], out=a, progress=False)
+
+
 def test_cli_run_spd(tmp_path, capsys):
     import json
 

@@ -115,11 +115,15 @@ def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: j
     """
     from .. import io
     from ..train import fit
+    from ..train.fit import CHECKPOINT, check_resume, resume_rules
 
     run_dir = Path(out) if out is not None else None
     header = {"method": method, "target": target_name, "config": dataclasses.asdict(cfg),
               "seeds": list(seeds), **(header_extra or {})}
+    free, extendable = resume_rules(cfg)
     if run_dir is not None:
+        if resume:  # before config.json is overwritten
+            check_resume(run_dir / CHECKPOINT, header, steps, free=free, extendable=extendable)
         run_dir.mkdir(parents=True, exist_ok=True)
         io.write_json(run_dir / "config.json", header)
     t0 = time.perf_counter()
@@ -128,7 +132,8 @@ def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: j
                  steps_per_call=min(cfg.steps_per_call, max(steps, 1)),
                  seed_batch=getattr(cfg, "seed_batch", None), checkpoint_dir=run_dir,
                  checkpoint_every=cfg.checkpoint_every, resume=resume, header=header,
-                 progress=progress, desc=f"{method} {target_name}", **fit_kwargs)
+                 resume_free=free, extendable=extendable, progress=progress,
+                 desc=f"{method} {target_name}", **fit_kwargs)
     wall = time.perf_counter() - t0
     seed_metrics = []
     for i, s in enumerate(seeds):

@@ -25,6 +25,7 @@ from .. import io
 from .._checks import check_in, check_nonnegative, check_positive, fail
 from ..rng import Stream, seed_key, stream_key
 from ..train import fit, make_optimizer
+from ..train.fit import CHECKPOINT, check_resume, resume_rules
 from ..train.optim import OPTIMIZERS
 from ..train.schedules import SCHEDULES
 from ..tree import where
@@ -272,7 +273,11 @@ def train_target(
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
     run_dir = Path(out) if out is not None else None
     header = {"target": target.name, "config": dataclasses.asdict(cfg), "seeds": seeds}
+    free, extendable = resume_rules(cfg)
     if run_dir is not None:
+        if resume:  # before config.json is overwritten
+            check_resume(run_dir / CHECKPOINT, header, cfg.steps, free=free,
+                         extendable=extendable)
         run_dir.mkdir(parents=True, exist_ok=True)
         io.write_json(run_dir / "config.json", header)
     models, data, keys = init_models(target, cfg, seeds)
@@ -312,7 +317,8 @@ def train_target(
             eval_every=cfg.eval_every or None,
             stop_fn=lambda ev: target.should_stop(cfg, ev),
             checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every or None,
-            resume=resume, header=header, progress=progress, desc=f"train {target.name}",
+            resume=resume, header=header, resume_free=free, extendable=extendable,
+            progress=progress, desc=f"train {target.name}",
         )
         params, history, evals = result.params, result.history, result.evals
     wall = time.perf_counter() - t0

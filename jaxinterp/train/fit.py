@@ -10,6 +10,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,15 +26,79 @@ from tqdm.auto import tqdm
 from .. import io
 from .._checks import check_positive, fail
 from ..rng import Stream, step_key
+from .schedules import depends_on_total
 
 LossFn = Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 SampleFn = Callable[[Any, jax.Array, jax.Array], Any]
 CHECKPOINT = "checkpoint.eqx"
 HISTORY = "checkpoint_history.npz"
+# config fields that may differ when a run resumes: they do not change the updates
+RUN_MECHANICS = ("steps_per_call", "checkpoint_every", "eval_every", "eval_size", "seed_batch")
+EVAL_PREFIXES = ("gate_", "success_")  # quality-gate and success thresholds: evaluation only
 
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when a loss term becomes NaN or infinite; names the step and the term."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_rules(cfg: Any) -> tuple[tuple[str, ...], bool]:
+    """``(free, extendable)`` for :func:`check_resume` from a config dataclass: its run
+    mechanics may change on resume; ``steps`` may when its
+    ``schedule`` does not depend on the total (:func:`~jaxinterp.train.depends_on_total`)
+    and nothing else is a fraction of it (no ``p_anneal``). A config without a
+    ``schedule`` field (L3D: steps from epochs) is not extendable."""
+    schedule = getattr(cfg, "schedule", None)
+    extendable = (schedule is not None and getattr(cfg, "p_anneal", None) is None
+                  and not depends_on_total(schedule, getattr(cfg, "warmup_frac", 0.0),
+                                           getattr(cfg, "warmup_steps", None)))
+    return RUN_MECHANICS, extendable
+
+
+def check_resume(path: str | Path, header: dict[str, Any] | None, steps: int, *,
+                 free: tuple[str, ...] = RUN_MECHANICS, extendable: bool = False) -> None:
+    """Raise a ``ValueError`` if the checkpoint at ``path`` (if any) cannot continue the
+    run described by ``header`` with ``steps`` updates in all.
+
+    Its header must agree with ``header`` on every entry both hold (config fields, seeds,
+    target, ...), except the names in ``free`` (run mechanics that do not change the
+    updates) and ``steps`` when ``extendable`` (a schedule that does not depend on the
+    total number of updates, see :func:`jaxinterp.train.depends_on_total`) and the
+    evaluation thresholds (names starting with ``gate_`` or ``success_``); and its
+    step must not be past ``steps``. Entries only one header holds are not compared (a
+    checkpoint written before a field existed still resumes).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    stored = io.read_header(path)
+    done = int(stored.get("step", 0))
+    if done > steps:
+        raise fail("fit", "steps", f">= {done}, the step of the checkpoint to resume", steps,
+                   f"{path} has done {done} updates: ask for at least as many, or start "
+                   "afresh with --no-resume (resume=False).")
+    old = _flat({k: v for k, v in stored.items() if k != "step"})
+    new = _flat(json.loads(json.dumps(io.to_jsonable(header or {}))))
+    diffs = []
+    for key in sorted(old.keys() & new.keys()):
+        leaf = key.rsplit(".", 1)[-1]
+        if (old[key] == new[key] or leaf in free or leaf.startswith(EVAL_PREFIXES)
+                or (leaf == "steps" and extendable)):
+            continue
+        why = " (the schedule depends on the total number of updates)" * (leaf == "steps")
+        diffs.append(f"{key} {old[key]!r} (checkpoint) vs {new[key]!r}{why}")
+    if diffs:
+        raise fail("fit", "settings", "equal to those of the checkpoint to resume",
+                   "; ".join(diffs), f"{path} was written by another run: start afresh with "
+                   "--no-resume (resume=False), or use another run directory.")
 
 
 class TrainState(eqx.Module):
@@ -161,6 +226,8 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool = True,
     header: dict[str, Any] | None = None,
+    resume_free: tuple[str, ...] = RUN_MECHANICS,
+    extendable: bool = False,
     progress: bool = True,
     desc: str = "train",
 ) -> FitResult:
@@ -196,8 +263,12 @@ def fit(
             no checkpoints).
         checkpoint_every: checkpoint period (rounded up to a multiple of ``steps_per_call``);
             a final checkpoint is always written when ``checkpoint_dir`` is set.
-        resume: continue from ``checkpoint_dir/checkpoint.eqx`` if it exists.
+        resume: continue from ``checkpoint_dir/checkpoint.eqx`` if it exists; its header
+            must match ``header`` (:func:`check_resume`).
         header: JSON-able dict stored in the checkpoint header (e.g. the config).
+        resume_free: header entries (last key) that may differ on resume.
+        extendable: the schedule does not depend on ``steps``, so a run may resume with
+            more (or fewer, down to the checkpoint's step) updates than it was started with.
         progress: show a tqdm bar.
         desc: progress-bar label.
 
@@ -206,7 +277,7 @@ def fit(
 
     Raises:
         NonFiniteLossError: a loss term became non-finite (names step and term).
-        ValueError: bad arguments.
+        ValueError: bad arguments, or a checkpoint this run cannot resume.
     """
     fn = "fit"
     check_positive(fn, "steps", steps, integer=True)
@@ -228,6 +299,7 @@ def fit(
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     start = 0
     if ckpt is not None and resume and ckpt.exists():
+        check_resume(ckpt, header, steps, free=resume_free, extendable=extendable)
         like = eqx.filter_eval_shape(lambda s: s, state)
         state, hdr = io.load_tree(ckpt, like)
         start = int(hdr["step"])

@@ -15,6 +15,16 @@ import optax
 from .._checks import check_in, check_nonnegative, check_positive, fail
 
 SCHEDULES = ("constant", "linear", "quarter_cosine", "half_cosine", "exponential", "step")
+# schedules whose learning rate at update s does not depend on total_steps
+TOTAL_FREE = ("constant", "exponential", "step")
+
+
+def depends_on_total(name: str, warmup_frac: float = 0.0, warmup_steps: int | None = None
+                     ) -> bool:
+    """Whether the learning rate at some update depends on ``total_steps``: a cosine or
+    linear decay, or a warm-up given as a fraction. A run whose schedule does not can be
+    extended (resumed with more steps) without changing the updates it has done."""
+    return name not in TOTAL_FREE or (not warmup_steps and warmup_frac > 0)
 
 
 def make_schedule(
