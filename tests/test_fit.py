@@ -208,21 +208,22 @@ def test_resume_rules_of_the_configs():
     from jaxinterp.decomposition import l3d_config, spd_config
     from jaxinterp.models.tms import TMSConfig
     from jaxinterp.train import depends_on_total
-    from jaxinterp.train.fit import resume_rules
+    from jaxinterp.train.fit import RUN_MECHANICS as FREE
+    from jaxinterp.train.fit import steps_extendable
 
     assert not depends_on_total("constant") and not depends_on_total("step")
     assert depends_on_total("quarter_cosine") and depends_on_total("linear")
     assert depends_on_total("constant", warmup_frac=0.1)
     assert not depends_on_total("constant", warmup_frac=0.1, warmup_steps=5)  # steps win
-    free, ext = resume_rules(TMSConfig(schedule="constant"))
-    assert ext and {"steps_per_call", "eval_every", "checkpoint_every"} <= set(free)
-    assert "steps" not in free and "lr" not in free
-    assert not resume_rules(TMSConfig(schedule="half_cosine"))[1]
-    assert not resume_rules(TMSConfig(schedule="constant", warmup_frac=0.1))[1]
-    assert resume_rules(TMSConfig(schedule="constant", warmup_frac=0.1, warmup_steps=3))[1]
-    free, ext = resume_rules(spd_config("resid-mlp-3", recipe="main"))  # constant lr
-    assert ext and {"seed_batch", "eval_size"} <= set(free)
-    assert "gated" not in free and "delta" not in free
-    assert not resume_rules(spd_config("resid-mlp-3", p_anneal=(1.0, 0.0, 1.0)))[1]
-    assert not resume_rules(spd_config("tms-5-2"))[1]  # quarter-cosine
-    assert not resume_rules(l3d_config("tms-5-2"))[1]  # steps from epochs
+    assert steps_extendable(TMSConfig(schedule="constant"))
+    assert {"steps_per_call", "eval_every", "checkpoint_every"} <= set(FREE)
+    assert "steps" not in FREE and "lr" not in FREE
+    assert not steps_extendable(TMSConfig(schedule="half_cosine"))
+    assert not steps_extendable(TMSConfig(schedule="constant", warmup_frac=0.1))
+    assert steps_extendable(TMSConfig(schedule="constant", warmup_frac=0.1, warmup_steps=3))
+    assert steps_extendable(spd_config("resid-mlp-3", recipe="main"))  # constant lr
+    assert {"seed_batch", "eval_size"} <= set(FREE)
+    assert "gated" not in FREE and "delta" not in FREE
+    assert not steps_extendable(spd_config("resid-mlp-3", p_anneal=(1.0, 0.0, 1.0)))
+    assert not steps_extendable(spd_config("tms-5-2"))  # quarter-cosine
+    assert not steps_extendable(l3d_config("tms-5-2"))  # steps from epochs

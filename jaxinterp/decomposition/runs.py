@@ -113,26 +113,21 @@ def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: j
         header_extra: more header entries (beside method, target, config, seeds).
         fit_kwargs: passed on to :func:`~jaxinterp.train.fit` (``data``, ``project``, ...).
     """
-    from .. import io
     from ..train import fit
-    from ..train.fit import CHECKPOINT, check_resume, resume_rules
+    from ..train.fit import open_run_dir, steps_extendable
 
     run_dir = Path(out) if out is not None else None
     header = {"method": method, "target": target_name, "config": dataclasses.asdict(cfg),
               "seeds": list(seeds), **(header_extra or {})}
-    free, extendable = resume_rules(cfg)
-    if run_dir is not None:
-        if resume:  # before config.json is overwritten
-            check_resume(run_dir / CHECKPOINT, header, steps, free=free, extendable=extendable)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        io.write_json(run_dir / "config.json", header)
+    extendable = steps_extendable(cfg)
+    open_run_dir(run_dir, header, steps, resume=resume, extendable=extendable)
     t0 = time.perf_counter()
     result = fit(loss_fn, init, frozen, optimizer, sample_fn, steps=steps, key=keys,
                  seeds=True, frozen_axis=None,
                  steps_per_call=min(cfg.steps_per_call, max(steps, 1)),
                  seed_batch=getattr(cfg, "seed_batch", None), checkpoint_dir=run_dir,
                  checkpoint_every=cfg.checkpoint_every, resume=resume, header=header,
-                 resume_free=free, extendable=extendable, progress=progress,
+                 extendable=extendable, progress=progress,
                  desc=f"{method} {target_name}", **fit_kwargs)
     wall = time.perf_counter() - t0
     seed_metrics = []

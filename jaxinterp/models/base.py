@@ -25,7 +25,7 @@ from .. import io
 from .._checks import check_in, check_nonnegative, check_positive, fail
 from ..rng import Stream, seed_key, stream_key
 from ..train import fit, make_optimizer
-from ..train.fit import CHECKPOINT, check_resume, resume_rules
+from ..train.fit import open_run_dir, steps_extendable
 from ..train.optim import OPTIMIZERS
 from ..train.schedules import SCHEDULES
 from ..tree import where
@@ -273,13 +273,8 @@ def train_target(
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
     run_dir = Path(out) if out is not None else None
     header = {"target": target.name, "config": dataclasses.asdict(cfg), "seeds": seeds}
-    free, extendable = resume_rules(cfg)
-    if run_dir is not None:
-        if resume:  # before config.json is overwritten
-            check_resume(run_dir / CHECKPOINT, header, cfg.steps, free=free,
-                         extendable=extendable)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        io.write_json(run_dir / "config.json", header)
+    extendable = steps_extendable(cfg)
+    open_run_dir(run_dir, header, cfg.steps, resume=resume, extendable=extendable)
     models, data, keys = init_models(target, cfg, seeds)
     mask = target.trainable(_index(models, 0))
     params, frozen = eqx.partition(models, mask)
@@ -317,7 +312,7 @@ def train_target(
             eval_every=cfg.eval_every or None,
             stop_fn=lambda ev: target.should_stop(cfg, ev),
             checkpoint_dir=run_dir, checkpoint_every=cfg.checkpoint_every or None,
-            resume=resume, header=header, resume_free=free, extendable=extendable,
+            resume=resume, header=header, extendable=extendable,
             progress=progress, desc=f"train {target.name}",
         )
         params, history, evals = result.params, result.history, result.evals

@@ -50,27 +50,25 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def resume_rules(cfg: Any) -> tuple[tuple[str, ...], bool]:
-    """``(free, extendable)`` for :func:`check_resume` from a config dataclass: its run
-    mechanics may change on resume; ``steps`` may when its
+def steps_extendable(cfg: Any) -> bool:
+    """Whether a run of the config dataclass ``cfg`` may resume with more ``steps``: its
     ``schedule`` does not depend on the total (:func:`~jaxinterp.train.depends_on_total`)
     and nothing else is a fraction of it (no ``p_anneal``). A config without a
     ``schedule`` field (L3D: steps from epochs) is not extendable."""
     schedule = getattr(cfg, "schedule", None)
-    extendable = (schedule is not None and getattr(cfg, "p_anneal", None) is None
-                  and not depends_on_total(schedule, getattr(cfg, "warmup_frac", 0.0),
-                                           getattr(cfg, "warmup_steps", None)))
-    return RUN_MECHANICS, extendable
+    return (schedule is not None and getattr(cfg, "p_anneal", None) is None
+            and not depends_on_total(schedule, getattr(cfg, "warmup_frac", 0.0),
+                                     getattr(cfg, "warmup_steps", None)))
 
 
 def check_resume(path: str | Path, header: dict[str, Any] | None, steps: int, *,
-                 free: tuple[str, ...] = RUN_MECHANICS, extendable: bool = False) -> None:
+                 extendable: bool = False) -> None:
     """Raise a ``ValueError`` if the checkpoint at ``path`` (if any) cannot continue the
     run described by ``header`` with ``steps`` updates in all.
 
     Its header must agree with ``header`` on every entry both hold (config fields, seeds,
-    target, ...), except the names in ``free`` (run mechanics that do not change the
-    updates) and ``steps`` when ``extendable`` (a schedule that does not depend on the
+    target, ...), except the run mechanics of :data:`RUN_MECHANICS` (they do not change
+    the updates) and ``steps`` when ``extendable`` (a schedule that does not depend on the
     total number of updates, see :func:`jaxinterp.train.depends_on_total`) and the
     evaluation thresholds (names starting with ``gate_`` or ``success_``); and its
     step must not be past ``steps``. Entries only one header holds are not compared (a
@@ -90,7 +88,7 @@ def check_resume(path: str | Path, header: dict[str, Any] | None, steps: int, *,
     diffs = []
     for key in sorted(old.keys() & new.keys()):
         leaf = key.rsplit(".", 1)[-1]
-        if (old[key] == new[key] or leaf in free or leaf.startswith(EVAL_PREFIXES)
+        if (old[key] == new[key] or leaf in RUN_MECHANICS or leaf.startswith(EVAL_PREFIXES)
                 or (leaf == "steps" and extendable)):
             continue
         why = " (the schedule depends on the total number of updates)" * (leaf == "steps")
@@ -99,6 +97,19 @@ def check_resume(path: str | Path, header: dict[str, Any] | None, steps: int, *,
         raise fail("fit", "settings", "equal to those of the checkpoint to resume",
                    "; ".join(diffs), f"{path} was written by another run: start afresh with "
                    "--no-resume (resume=False), or use another run directory.")
+
+
+def open_run_dir(run_dir: Path | None, header: dict[str, Any], steps: int, *, resume: bool,
+                 extendable: bool) -> None:
+    """Create ``run_dir`` and write ``header`` to its ``config.json``, after checking that
+    a checkpoint there can continue this run (:func:`check_resume`; only when
+    ``resume``), so that a refused resume leaves the old ``config.json``. None: nothing."""
+    if run_dir is None:
+        return
+    if resume:
+        check_resume(run_dir / CHECKPOINT, header, steps, extendable=extendable)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_json(run_dir / "config.json", header)
 
 
 class TrainState(eqx.Module):
@@ -226,7 +237,6 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool = True,
     header: dict[str, Any] | None = None,
-    resume_free: tuple[str, ...] = RUN_MECHANICS,
     extendable: bool = False,
     progress: bool = True,
     desc: str = "train",
@@ -266,7 +276,6 @@ def fit(
         resume: continue from ``checkpoint_dir/checkpoint.eqx`` if it exists; its header
             must match ``header`` (:func:`check_resume`).
         header: JSON-able dict stored in the checkpoint header (e.g. the config).
-        resume_free: header entries (last key) that may differ on resume.
         extendable: the schedule does not depend on ``steps``, so a run may resume with
             more (or fewer, down to the checkpoint's step) updates than it was started with.
         progress: show a tqdm bar.
@@ -299,7 +308,7 @@ def fit(
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     start = 0
     if ckpt is not None and resume and ckpt.exists():
-        check_resume(ckpt, header, steps, free=resume_free, extendable=extendable)
+        check_resume(ckpt, header, steps, extendable=extendable)
         like = eqx.filter_eval_shape(lambda s: s, state)
         state, hdr = io.load_tree(ckpt, like)
         start = int(hdr["step"])
