@@ -9,8 +9,12 @@
 Usage::
 
     python experiments/channel_bridges.py RUN_DIR [RUN_DIR ...] [--target DIR]
-        [--n-data 10000] [--eta 0.99]
+        [--n-data 10000] [--eta 0.99[,0.999,...]]
     python experiments/channel_bridges.py --lib runs/targets/digits-mlp-seed0
+
+Several ``--eta`` values (comma-separated) reuse one pass of K-FAC statistics: the
+captured fraction as the spans' energy cut rises (on resid-mlp-2's second layer the
+cross-layer read directions carry little variance and fall outside the 0.99 cut).
 
 e.g. after ``jaxinterp run spd tms-5-2 --seeds 8-11 --target runs/targets/tms-5-2-seed0
 --out runs/spd/tms-5-2-s8-11``.
@@ -26,25 +30,42 @@ import jax
 import jax.numpy as jnp
 
 from jaxinterp import io
-from jaxinterp.channel.bridges import bridge_report, lib_bridge
+from jaxinterp.channel.bridges import bridge_report, layer_kfac, lib_bridge
 from jaxinterp.decomposition import load_spd_run
 from jaxinterp.decomposition.runs import batch_inputs
+from jaxinterp.decomposition.weights import TRANSPOSED
 from jaxinterp.models import base
 from jaxinterp.target import from_equinox
 
 
-def bridge_run(run_dir: str, target_dir: str | None, n_data: int, eta: float) -> list[dict]:
+def bridge_run(run_dir: str, target_dir: str | None, n_data: int,
+               etas: list[float]) -> list[dict]:
+    """One row per (seed, eta); the K-FAC statistics are computed once per run."""
     run = load_spd_run(run_dir, target_dir=target_dir)
     t = from_equinox(run.model)
     dcfg = dataclasses.replace(run.target_config, batch_size=n_data)
     xs = batch_inputs(run.target.sample(dcfg, None, jax.random.key(12345), jnp.asarray(0)))
+    paths = sorted({site.removesuffix(TRANSPOSED) for site in run.sites.names})
+    stats = layer_kfac(t.apply, t.params, xs, paths)
     rows = []
     for i, s in enumerate(run.seeds):
         ci = jax.tree_util.tree_map(lambda v, i=i: v[i], run.components)
         factors = {site: ci.site_factors(site) for site in run.sites.names}
-        rep = bridge_report(t.apply, t.params, xs, factors, eta=eta)
-        rows.append({"seed": s, "sites": rep})
+        for eta in etas:
+            rep = bridge_report(t.apply, t.params, xs, factors, eta=eta, stats=stats)
+            rows.append({"seed": s, "eta": eta, "sites": rep})
     return rows
+
+
+def _etas(text: str) -> list[float]:
+    try:
+        etas = [float(e) for e in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--eta: expected numbers in (0, 1] separated by "
+                                         f"commas, got {text!r}") from None
+    if not all(0.0 < e <= 1.0 for e in etas):
+        raise argparse.ArgumentTypeError(f"--eta: expected numbers in (0, 1], got {text!r}")
+    return etas
 
 
 def main() -> None:
@@ -54,7 +75,8 @@ def main() -> None:
     p.add_argument("--lib", default=None, help="a trained digits-mlp run directory")
     p.add_argument("--target", default=None, help="target run directory")
     p.add_argument("--n-data", type=int, default=10_000)
-    p.add_argument("--eta", type=float, default=0.99)
+    p.add_argument("--eta", type=_etas, default=[0.99],
+                   help="trace fraction kept in every span; several, comma-separated")
     args = p.parse_args()
     if args.lib is not None:
         model, tcfg, target = base.load_target(args.lib)
@@ -67,7 +89,7 @@ def main() -> None:
                   f"{1 - r['min_abs_cos']:>15.1e}{r['max_lambda_rel_diff']:>20.2e}")
     if not args.runs:
         return
-    print(f"{'run':<28}{'seed':>5}  {'site':<10}{'r_in kfac/read':>15}{'r_out':>6}"
+    print(f"{'run':<28}{'seed':>5}{'eta':>9}  {'site':<20}{'r_in kfac/read':>15}{'r_out':>6}"
           f"{'kfac total':>11}{'kfac min':>9}{'read total':>11}{'read min':>9}"
           f"{'W in read':>10}{'live':>5}")
     for run in args.runs:
@@ -75,7 +97,7 @@ def main() -> None:
         for r in rows:
             for site, rep in r["sites"].items():
                 k, rd = rep["kfac"], rep["read"]
-                print(f"{Path(run).name:<28}{r['seed']:>5}  {site:<10}"
+                print(f"{Path(run).name:<28}{r['seed']:>5}{r['eta']:>9g}  {site:<20}"
                       f"{k['rank_in']:>7}/{rd['rank_in']:<7}{rep['rank_out']:>6}"
                       f"{k['total']:>11.3f}{k['live_min']:>9.3f}{rd['total']:>11.3f}"
                       f"{rd['live_min']:>9.3f}{rd['weight']:>10.3f}{k['n_live']:>5}")

@@ -93,6 +93,16 @@ def test_bridge_report_on_tms(tms):
     assert r["kfac"]["per_component"][2] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         bridges.bridge_report(t.apply, t.params, xs, {".W_nope": (V, U)})
+    # precomputed statistics give the same report; a smaller eta keeps fewer directions
+    stats = bridges.layer_kfac(t.apply, t.params, xs, [".W_enc"])
+    again = bridges.bridge_report(t.apply, t.params, None, {".W_enc": (V, U)}, eta=1.0,
+                                  stats=stats)[".W_enc"]
+    np.testing.assert_allclose(again["kfac"]["per_component"], r["kfac"]["per_component"],
+                               rtol=1e-12, atol=1e-14)
+    low = bridges.bridge_report(t.apply, t.params, None, {".W_enc": (V, U)}, eta=0.5,
+                                stats=stats)[".W_enc"]
+    assert low["kfac"]["rank_in"] < r["kfac"]["rank_in"]
+    assert low["kfac"]["total"] < r["kfac"]["total"]
 
 
 def test_lib_bridge_reproduces_the_lib_basis():

@@ -149,7 +149,8 @@ def _weight(params: PyTree, site: str) -> np.ndarray:
 
 def bridge_report(apply: Callable[[PyTree, Any], Any], params: PyTree, xs: Any,
                   factors: Mapping[str, tuple[Any, Any]], *, eta: float = 0.99,
-                  min_norm: float = 0.1, chunk_size: int = 256) -> dict[str, Any]:
+                  min_norm: float = 0.1, chunk_size: int = 256,
+                  stats: Mapping[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
     """Captured fractions of rank-1 decompositions per site (module docstring).
 
     Args:
@@ -160,6 +161,8 @@ def bridge_report(apply: Callable[[PyTree, Any], Any], params: PyTree, xs: Any,
         min_norm: pieces with ``|v| |u| < min_norm * max`` are left out of
             ``live_min`` / ``live_mean`` (they carry no weight).
         chunk_size: examples per chunk of :func:`layer_kfac`.
+        stats: ``{path: (A, G)}`` from an earlier :func:`layer_kfac` on the same data, to
+            report several ``eta`` without recomputing them (``xs`` is then unused).
 
     Returns:
         Per site: span ranks, the weight's own captured fraction and, for ``kfac`` and
@@ -168,7 +171,8 @@ def bridge_report(apply: Callable[[PyTree, Any], Any], params: PyTree, xs: Any,
     """
     check_positive("bridge_report", "eta", eta)
     paths = sorted({s.removesuffix(TRANSPOSED) for s in factors})
-    stats = layer_kfac(apply, params, xs, paths, chunk_size=chunk_size)
+    if stats is None:
+        stats = layer_kfac(apply, params, xs, paths, chunk_size=chunk_size)
     missing = sorted(set(factors) - set(stats))
     if missing:
         raise fail("bridge_report", "factors", f"sites among {sorted(stats)}", missing)
