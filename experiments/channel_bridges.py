@@ -33,7 +33,6 @@ from jaxinterp import io
 from jaxinterp.channel.bridges import bridge_report, layer_kfac, lib_bridge
 from jaxinterp.decomposition import load_spd_run
 from jaxinterp.decomposition.runs import batch_inputs
-from jaxinterp.decomposition.weights import TRANSPOSED
 from jaxinterp.models import base
 from jaxinterp.target import from_equinox
 
@@ -45,8 +44,7 @@ def bridge_run(run_dir: str, target_dir: str | None, n_data: int,
     t = from_equinox(run.model)
     dcfg = dataclasses.replace(run.target_config, batch_size=n_data)
     xs = batch_inputs(run.target.sample(dcfg, None, jax.random.key(12345), jnp.asarray(0)))
-    paths = sorted({site.removesuffix(TRANSPOSED) for site in run.sites.names})
-    stats = layer_kfac(t.apply, t.params, xs, paths)
+    stats = layer_kfac(t.apply, t.params, xs, run.sites.paths)
     rows = []
     for i, s in enumerate(run.seeds):
         ci = jax.tree_util.tree_map(lambda v, i=i: v[i], run.components)
