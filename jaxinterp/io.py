@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,19 @@ def save_history(path: str | Path, history: dict[str, np.ndarray]) -> Path:
 def load_history(path: str | Path) -> dict[str, np.ndarray]:
     with np.load(Path(path)) as z:
         return {k: z[k] for k in z.files}
+
+
+def write_pickle(path: str | Path, obj: Any) -> Path:
+    """Pickle ``obj`` (host values: numpy arrays, tuples, dicts) to ``path`` atomically.
+    Only for the project's own caches, read back by :func:`read_pickle`."""
+    path = Path(path)
+    _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+    return path
+
+
+def read_pickle(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise fail("read_pickle", "path", "an existing cache file", str(path))
+    with open(path, "rb") as f:
+        return pickle.load(f)

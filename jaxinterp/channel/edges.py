@@ -31,11 +31,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._checks import check_in, check_positive
 from .._types import Array, Key
 from ..lib.stats import chunked_sum, einsum64
 from .adapters import as_float
+from .cache import PartialSums
 from .model import ChannelModel, divergence, to_float64, trace
 from .stats import METRICS, probe_cotangents, zero_deltas
 from .subspaces import ChannelSet
@@ -195,7 +197,7 @@ def _example(model, cs_arrays, rots, rot_omegas, x, y_ref, key, metric, exact, n
 
 @eqx.filter_jit
 def _edge_sums(model, cs_arrays, rots, rot_omegas, xs, y_refs, key, metric, exact, n_probes,
-               chunk):
+               chunk, offset):
     def per_chunk(batch, mask, idx):
         x, yr = batch
         ks = jax.random.split(jax.random.fold_in(key, idx), mask.shape[0])
@@ -203,7 +205,32 @@ def _edge_sums(model, cs_arrays, rots, rot_omegas, xs, y_refs, key, metric, exac
                                                 metric, exact, n_probes))(x, yr, ks)
         return jax.tree_util.tree_map(lambda a: jnp.tensordot(mask, a, axes=1), per)
 
-    return chunked_sum(per_chunk, (xs, y_refs), chunk_size=chunk)
+    return chunked_sum(per_chunk, (xs, y_refs), chunk_size=chunk, index_offset=offset)
+
+
+def _blocked_edge_sums(sums_of, xs, y_refs, *, chunk: int, block_size: int,
+                       partial: PartialSums | None, progress: bool):
+    """The edge sums over blocks of whole chunks, added on the host (float64) and, with
+    ``partial``, saved after every block and resumed from an earlier pass."""
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    block = n if block_size >= n else max(chunk, block_size // chunk * chunk)
+    done, total = 0, None
+    if partial is not None and (state := partial.load()) is not None:
+        done, total = state
+    bar = tqdm(total=n, initial=done, desc="edges", unit="ex", disable=not progress,
+               leave=False)
+    while done < n:
+        stop = min(done + block, n)
+        part = sums_of(jax.tree_util.tree_map(lambda a: a[done:stop], xs), y_refs[done:stop],
+                       done // chunk)
+        part = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), part)
+        total = part if total is None else jax.tree_util.tree_map(np.add, total, part)
+        bar.update(stop - done)
+        done = stop
+        if partial is not None:
+            partial.save(done, total)
+    bar.close()
+    return total
 
 
 def causal_edges(
@@ -218,6 +245,9 @@ def causal_edges(
     n_null: int = 20,
     null_space: str = "stream",
     chunk_size: int = 128,
+    block_size: int | None = None,
+    partial: PartialSums | None = None,
+    progress: bool = False,
     key: Key,
 ) -> CausalEdges:
     """E3 (``w``, ``signed``), E4 (``channel``) and their rotation nulls for every
@@ -235,6 +265,12 @@ def causal_edges(
             spec's wording; in toys whose stream has a low-dimensional support this
             null is often above genuine edges, see experiments/channel_graph.md).
         chunk_size: examples per chunk.
+        block_size: examples per jit call (rounded down to whole chunks); ``None``: all
+            in one call. The sums of the blocks are added in float64 on the host; the
+            randomness does not depend on the blocking.
+        partial: keep the running sums after every block there and resume from them
+            (:class:`~.cache.PartialSums`; implies blocks of ``block_size`` or 4 096).
+        progress: a progress bar over the examples.
         key: PRNG key (probes, references, rotations), keyword-last.
 
     Returns:
@@ -245,6 +281,8 @@ def causal_edges(
     check_positive(fn, "n_null", n_null, integer=True)
     check_positive(fn, "n_ref", n_ref, integer=True)
     check_in(fn, "null_space", null_space, NULL_SPACES)
+    if block_size is not None:
+        check_positive(fn, "block_size", block_size, integer=True)
     nodes = cs.nodes
     n_nodes = len(nodes)
     with jax.enable_x64(True):
@@ -271,11 +309,19 @@ def causal_edges(
             for b in range(1, n_nodes)
         ]
         y_refs = reference_outputs(m64, xs, n_ref, key=jax.random.fold_in(key, 1))
-        sums = _edge_sums(m64, cs_arrays, rots, rot_omegas, xs, y_refs,
-                          jax.random.fold_in(key, 2), metric, probes == "exact", int(n_probes),
-                          int(chunk_size))
-        sums = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), sums)
-    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        chunk = min(int(chunk_size), n)
+        k2 = jax.random.fold_in(key, 2)
+
+        def sums_of(x, yr, offset):
+            return _edge_sums(m64, cs_arrays, rots, rot_omegas, x, yr, k2, metric,
+                              probes == "exact", int(n_probes), chunk, jnp.asarray(offset))
+
+        if block_size is None and partial is None:
+            block_size = n
+        sums = _blocked_edge_sums(sums_of, xs, y_refs, chunk=chunk,
+                                  block_size=int(block_size or 4096), partial=partial,
+                                  progress=progress)
     res = CausalEdges({}, {}, {}, {}, {}, {}, {})
     for b in range(1, n_nodes):
         s = sums[b - 1]

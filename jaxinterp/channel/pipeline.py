@@ -21,6 +21,7 @@ from .._types import Key
 from ..lib.quadrature import RULES
 from .adapters import ATTENTION, STREAMS
 from .assemble import PRUNE, ChannelGraph, assemble, block_components, to_networkx
+from .cache import StageCache
 from .compression import compression_curves
 from .direction import direction_edges
 from .edges import NULL_SPACES, CausalEdges, causal_edges, geometric_edges, variance_share
@@ -37,6 +38,10 @@ from .usage import (
     data_clusters,
     usage_matrix,
 )
+
+# examples per jit call of the edge sums when they are cached (their running sums are
+# saved after every block)
+EDGE_BLOCK = 4096
 
 __all__ = ["ChannelAnalysis", "ChannelGraphConfig", "channel_components", "channel_graph"]
 
@@ -75,6 +80,10 @@ class ChannelGraphConfig:
             test goes to ``compression["refined"]``); ``None``: off.
         chunk_size: examples per chunk of the float64 passes.
         plots: write figures.
+        cache: with a run directory, keep each expensive stage's output under its
+            ``cache/`` and reuse it on a rerun with the same code, target, data and the
+            stage's options (the edge sums resume from their last block of 4 096
+            examples); see :mod:`.cache`.
     """
 
     metric: str = "relevance"
@@ -103,6 +112,7 @@ class ChannelGraphConfig:
     refine: int | None = None
     chunk_size: int = 128
     plots: bool = True
+    cache: bool = True
 
     def __post_init__(self):
         fn = "ChannelGraphConfig"
@@ -170,6 +180,7 @@ def channel_graph(
     *,
     labels: dict[str, int] | None = None,
     progress: Any = None,
+    cache: StageCache | None = None,
     key: Key,
 ) -> ChannelAnalysis:
     """Run every stage of the channel graph on ``model`` and data ``xs``.
@@ -180,6 +191,9 @@ def channel_graph(
         cfg: :class:`ChannelGraphConfig`.
         labels: planted module label per channel-node id (ARI), or ``None``.
         progress: an object with ``update()`` (a tqdm bar) or ``None``.
+        cache: keep each expensive stage's output there and reuse it when the code, model,
+            data, key and the stage's options are the same; the edge sums also resume
+            from their last block (:class:`~.cache.StageCache`). ``None``: no cache.
         key: PRNG key; stages use ``fold_in(key, stage)``.
 
     Returns:
@@ -193,35 +207,65 @@ def channel_graph(
     t = time.perf_counter()
     if cfg.n_data is not None:
         xs = jax.tree_util.tree_map(lambda a: a[: cfg.n_data], xs)
-    stats = channel_stats(model, xs, metric=cfg.metric, probes=cfg.probes,
-                          n_probes=cfg.n_probes, chunk_size=cfg.chunk_size,
-                          key=jax.random.fold_in(key, 0))
-    cs = channels_from_stats(stats, model.node_names, eta=cfg.eta, node_rank=cfg.node_rank)
-    if cfg.solver == "randomized":
-        cs = randomized_read_channels(model, xs, stats, cs, rank=cfg.rank, metric=cfg.metric,
-                                      probes=cfg.probes, n_probes=cfg.n_probes,
-                                      chunk_size=cfg.chunk_size,
-                                      key=jax.random.fold_in(key, 5))
+
+    def stage(name: str, fp: str, compute):
+        return compute() if cache is None else cache.run(name, fp, compute)
+
+    def fingerprint(parent: str, name: str, *fields: str) -> str:
+        if cache is None:
+            return ""
+        return cache.fingerprint(parent, stage=name, **{f: getattr(cfg, f) for f in fields})
+
+    def channels():
+        stats = channel_stats(model, xs, metric=cfg.metric, probes=cfg.probes,
+                              n_probes=cfg.n_probes, chunk_size=cfg.chunk_size,
+                              key=jax.random.fold_in(key, 0))
+        cs = channels_from_stats(stats, model.node_names, eta=cfg.eta, node_rank=cfg.node_rank)
+        if cfg.solver == "randomized":
+            cs = randomized_read_channels(model, xs, stats, cs, rank=cfg.rank,
+                                          metric=cfg.metric, probes=cfg.probes,
+                                          n_probes=cfg.n_probes, chunk_size=cfg.chunk_size,
+                                          key=jax.random.fold_in(key, 5))
+        return stats, cs
+
+    fp_ch = fingerprint(cache.base if cache is not None else "", "channels", "n_data", "metric",
+                        "probes", "n_probes", "chunk_size", "eta", "node_rank", "solver",
+                        *(("rank",) if cfg.solver == "randomized" else ()))
+    stats, cs = stage("channels", fp_ch, channels)
     sec["channels"] = time.perf_counter() - t
     tick()
     t = time.perf_counter()
-    comp = compression_curves(model, cs, xs, chunk_size=4 * cfg.chunk_size)
+    comp = stage("compression", fingerprint(fp_ch, "compression", "chunk_size"),
+                 lambda: compression_curves(model, cs, xs, chunk_size=4 * cfg.chunk_size))
     sec["compression"] = time.perf_counter() - t
     refinement = None
     if cfg.refine is not None:
         t = time.perf_counter()
-        refinement = refine_channels(model, xs, stats, cs, n_iter=cfg.refine,
-                                     chunk_size=cfg.chunk_size)
-        comp["refined"] = refined_compression(model, refinement, xs,
-                                              chunk_size=4 * cfg.chunk_size)
+
+        def refine():
+            ref = refine_channels(model, xs, stats, cs, n_iter=cfg.refine,
+                                  chunk_size=cfg.chunk_size)
+            return ref, refined_compression(model, ref, xs, chunk_size=4 * cfg.chunk_size)
+
+        refinement, comp_refined = stage(
+            "refine", fingerprint(fp_ch, "refine", "refine", "chunk_size"), refine)
+        comp = {**comp, "refined": comp_refined}
         sec["refine"] = time.perf_counter() - t
     tick()
     t = time.perf_counter()
     geo, share = geometric_edges(model, cs), variance_share(model, cs)
-    ce = causal_edges(model, cs, xs, metric=cfg.metric, probes=cfg.probes,
-                      n_probes=cfg.n_probes, n_ref=cfg.n_ref, n_null=cfg.n_null,
-                      null_space=cfg.null_space, chunk_size=cfg.chunk_size,
-                      key=jax.random.fold_in(key, 1))
+    fp_edges = fingerprint(fp_ch, "edges", "metric", "probes", "n_probes", "n_ref", "n_null",
+                           "null_space", "chunk_size")
+    ce = stage("edges", fp_edges, lambda: causal_edges(
+        model, cs, xs, metric=cfg.metric, probes=cfg.probes, n_probes=cfg.n_probes,
+        n_ref=cfg.n_ref, n_null=cfg.n_null, null_space=cfg.null_space,
+        chunk_size=cfg.chunk_size,
+        block_size=None if cache is None else EDGE_BLOCK,
+        partial=None if cache is None else cache.partial("edges", fp_edges),
+        progress=progress is not None and not getattr(progress, "disable", False),
+        key=jax.random.fold_in(key, 1)))
+    if cache is not None:
+        cache.partial("edges", fp_edges).clear()
     cg = assemble(model, cs, ce, prune=cfg.prune, quantile=cfg.quantile, rtol=cfg.rtol)
     sec["edges"] = time.perf_counter() - t
     tick()
@@ -236,20 +280,31 @@ def channel_graph(
     checks: list[dict[str, Any]] = []
     if cfg.usage:
         t = time.perf_counter()
-        means = [c.write_mean for c in cs.nodes]
-        act = activity(model, cg, xs, means, n_ref=cfg.n_ref, key=jax.random.fold_in(key, 2))
-        use = usage_matrix(act, cfg.usage_frac)
-        circuits = co_usage_circuits(cg, use)
-        checks = ablation_check(model, cg, xs, means, circuits, key=jax.random.fold_in(key, 3))
-        clusters = data_clusters(act)
+
+        def usage():
+            means = [c.write_mean for c in cs.nodes]
+            act = activity(model, cg, xs, means, n_ref=cfg.n_ref,
+                           key=jax.random.fold_in(key, 2))
+            use = usage_matrix(act, cfg.usage_frac)
+            circuits = co_usage_circuits(cg, use)
+            checks = ablation_check(model, cg, xs, means, circuits,
+                                    key=jax.random.fold_in(key, 3))
+            return act, use, circuits, checks, data_clusters(act)
+
+        act, use, circuits, checks, clusters = stage(
+            "usage", fingerprint(fp_edges, "usage", "prune", "quantile", "rtol", "n_ref",
+                                 "usage_frac"), usage)
         sec["usage"] = time.perf_counter() - t
     tick()
     direction = None
     if cfg.direction_rule is not None:
         t = time.perf_counter()
-        direction = direction_edges(model, cs, xs, rule=cfg.direction_rule,
+        direction = stage(
+            "direction", fingerprint(fp_ch, "direction", "direction_rule",
+                                     "direction_intervals", "chunk_size"),
+            lambda: direction_edges(model, cs, xs, rule=cfg.direction_rule,
                                     n_intervals=cfg.direction_intervals,
-                                    chunk_size=cfg.chunk_size)
+                                    chunk_size=cfg.chunk_size))
         sec["direction_edges"] = time.perf_counter() - t
     return ChannelAnalysis(stats, cs, comp, geo, share, ce, cg, comps, ccomps, mods, act, use,
                            circuits, checks, clusters, sec, direction, refinement)

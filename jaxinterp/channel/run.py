@@ -5,10 +5,14 @@ write channels, edges, modules and circuits, and write a run directory:
   ``components``, ``channel_components``, ``modularity_q``, ``communities``,
   ``circuits``, ``circuit_coverage``, ``data_clusters``, ``non_additivity``,
   ``planted_recovery`` where ground truth exists, ``target_checks`` for ``resid-mlp-*``
-  and ``modadd`` (see :mod:`.targets`), ``seconds``), ``graph.json`` (the pruned channel
-  graph), ``channels.npz`` (per node: ``lambda``, ``rho``, ``mu``, ``omega``,
+  and ``modadd`` (see :mod:`.targets`), ``seconds``, ``cached_stages``), ``graph.json``
+  (the pruned channel graph), ``channels.npz`` (per node: ``lambda``, ``rho``, ``mu``, ``omega``,
   ``readout``; ``stream_basis`` for ``resid-mlp-*`` in ``span`` coordinates);
-* figures ``block_graph.png``, ``compression.png``, ``usage.png``, ``spectra.png``.
+* figures ``block_graph.png``, ``compression.png``, ``usage.png``, ``spectra.png``;
+* ``cache/``: each expensive stage's output with its fingerprint (:mod:`.cache`). A rerun
+  into the same directory reuses the stages whose code, target, data and options are
+  unchanged (``metrics.json["cached_stages"]`` names them) and resumes the edge sums
+  from their last saved block; ``--cache false`` turns it off.
 
 ``--refine N`` adds the optional joint (HOOI) refinement of every block's read and write
 subspaces at its ``eta`` ranks, ``N`` alternations (:mod:`.refine`); its compression test
@@ -51,6 +55,7 @@ from ..rng import Stream, seed_key, stream_key
 from . import figures
 from .adapters import channel_model_for, resid_stream_basis
 from .assemble import save_json
+from .cache import StageCache
 from .pipeline import ChannelAnalysis, ChannelGraphConfig, channel_graph
 from .recovery import channel_labels, planted_recovery
 from .subspaces import rank_report
@@ -156,7 +161,11 @@ def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraph
         xs = target_data(target_name, model, tcfg, seed, cfg.n_data)
     bar = tqdm(total=5, desc="channel-graph", disable=not progress)
     key = stream_key(seed_key(seed), Stream.MASK)
-    res = channel_graph(cm, xs, cfg, progress=bar, key=key)
+    cache = None
+    if out is not None and cfg.cache:
+        with jax.enable_x64(True):
+            cache = StageCache(Path(out) / "cache", cm, xs, key)
+    res = channel_graph(cm, xs, cfg, progress=bar, cache=cache, key=key)
     with jax.enable_x64(True):  # the planted geometry in float64
         labels = channel_labels(target_name, model, res)
     if labels is not None:  # rerun the cheap host-side modules with the planted labels
@@ -186,6 +195,7 @@ def run_channel_graph(model: Any, target_name: str, tcfg: Any, cfg: ChannelGraph
             "k": res.clusters["k"], "silhouette": res.clusters["silhouette"]},
         "circuit_coverage": circuit_coverage(res, names),
         "seconds": res.seconds,
+        "cached_stages": [] if cache is None else cache.loaded,
     }
     if res.direction is not None:
         metrics["direction_edges"] = {

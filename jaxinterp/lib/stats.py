@@ -251,18 +251,22 @@ def chunked_sum(
     xs: PyTree,
     *,
     chunk_size: int,
+    index_offset: Any = 0,
 ) -> PyTree:
     """``sum over chunks of fn(chunk, mask, index)``, run under ``lax.scan``.
 
     The batch is padded to a multiple of ``chunk_size`` by repeating the first example;
     ``mask: (chunk_size,)`` is 1 for real examples and 0 for padding, and ``fn`` must
     weight each example's contribution by it. ``index`` is the chunk number (for
-    ``fold_in``). Call inside an x64 context for float64 sums.
+    ``fold_in``), counted from ``index_offset`` (so that a pass split into blocks of whole
+    chunks draws the same randomness as one pass). Call inside an x64 context for float64
+    sums.
 
     Args:
         fn: ``fn(chunk, mask, index) -> pytree of arrays`` (same structure every chunk).
         xs: pytree of arrays with a shared leading ``batch`` axis.
         chunk_size: examples per chunk.
+        index_offset: the first chunk's index (an int or a traced integer scalar).
 
     Returns:
         The summed pytree.
@@ -296,7 +300,7 @@ def chunked_sum(
         chunk, m, i = inp
         return jax.tree_util.tree_map(jnp.add, acc, fn(chunk, m, i)), None
 
-    total, _ = jax.lax.scan(body, init, (chunks, mask, jnp.arange(n_chunks)))
+    total, _ = jax.lax.scan(body, init, (chunks, mask, index_offset + jnp.arange(n_chunks)))
     return total
 
 
