@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import io
@@ -54,8 +55,7 @@ def tree_fingerprint(tree: Any) -> str:
     key data) and the repr of its non-array leaves."""
     h = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(tree):
-        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
-                                                                 jax.dtypes.prng_key):
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
         if eqx.is_array(leaf) or isinstance(leaf, np.generic):
             a = np.ascontiguousarray(np.asarray(leaf))

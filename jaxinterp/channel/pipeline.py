@@ -239,11 +239,11 @@ def channel_graph(
                  lambda: compression_curves(model, cs, xs, chunk_size=4 * cfg.chunk_size))
     sec["compression"] = time.perf_counter() - t
     refinement = None
-    if cfg.refine is not None:
+    if (n_iter := cfg.refine) is not None:
         t = time.perf_counter()
 
         def refine():
-            ref = refine_channels(model, xs, stats, cs, n_iter=cfg.refine,
+            ref = refine_channels(model, xs, stats, cs, n_iter=n_iter,
                                   chunk_size=cfg.chunk_size)
             return ref, refined_compression(model, ref, xs, chunk_size=4 * cfg.chunk_size)
 
@@ -297,12 +297,12 @@ def channel_graph(
         sec["usage"] = time.perf_counter() - t
     tick()
     direction = None
-    if cfg.direction_rule is not None:
+    if (rule := cfg.direction_rule) is not None:
         t = time.perf_counter()
         direction = stage(
             "direction", fingerprint(fp_ch, "direction", "direction_rule",
                                      "direction_intervals", "chunk_size"),
-            lambda: direction_edges(model, cs, xs, rule=cfg.direction_rule,
+            lambda: direction_edges(model, cs, xs, rule=rule,
                                     n_intervals=cfg.direction_intervals,
                                     chunk_size=cfg.chunk_size))
         sec["direction_edges"] = time.perf_counter() - t
