@@ -164,17 +164,20 @@ def _example(model, cs_arrays, rots, rot_omegas, x, y_ref, key, metric, exact, n
         base, den, ch, nb, nc = _reader_tangents(model, cs_arrays, tr, b, rots[b],
                                                  rot_omegas[b])
         n_w, n_ch, n_null = base.shape[0], ch.shape[0], rots[b].shape[0]
-        flat = jnp.concatenate([base, den, ch, nb.reshape(-1, *base.shape[1:]),
-                                nc.reshape(-1, *base.shape[1:])], axis=0)
         f = model.node_fn(b)
         r = tr.reads[b - 1]
-        jt = jax.vmap(lambda t, f=f, r=r: jax.jvp(f, (r,), (t,))[1])(flat)  # (T, P, d_out)
+        jvps = jax.vmap(lambda t, f=f, r=r: jax.jvp(f, (r,), (t,))[1])  # (T, P, d_out)
+        # the S-norm of the block-level tangents (writes, whole read, rotated writes) and
+        # the channel readout of the channel tangents (plain and rotated), each only
+        # where it is used
+        js = jvps(jnp.concatenate([base, den, nb.reshape(-1, *base.shape[1:])], axis=0))
+        jc = jvps(jnp.concatenate([ch, nc.reshape(-1, *base.shape[1:])], axis=0))
         if cots is None:
-            snorm = jnp.sum(jt**2, axis=(1, 2))
+            snorm = jnp.sum(js**2, axis=(1, 2))
         else:
-            snorm = scale * jnp.sum(einsum64("ipe,tpe->it", cots[b], jt) ** 2, axis=0)
-        signed = jnp.abs(einsum64("pe,tpe->t", grads[b], jt))
-        proj = jnp.sum(einsum64("tpe,ek->tpk", jt, cs_arrays["readout"][b]) ** 2, axis=1)
+            snorm = scale * jnp.sum(einsum64("ipe,tpe->it", cots[b], js) ** 2, axis=0)
+        signed = jnp.abs(einsum64("pe,tpe->t", grads[b], js[:n_w]))
+        proj = jnp.sum(einsum64("tpe,ek->tpk", jc, cs_arrays["readout"][b]) ** 2, axis=1)
         # the finite (not linearised) E3: b's output change when a's write is removed from
         # b's read only, and when b's whole read is replaced by its mean
         o_b = f(r)
@@ -185,12 +188,11 @@ def _example(model, cs_arrays, rots, rot_omegas, x, y_ref, key, metric, exact, n
             anorm = jnp.sum(abl**2, axis=(1, 2))
         else:
             anorm = scale * jnp.sum(einsum64("ipe,tpe->it", cots[b], abl) ** 2, axis=0)
-        i0, i1, i2, i3 = n_w, n_w + 1, n_w + 1 + n_ch, n_w + 1 + n_ch + n_null * n_w
         out.append({
-            "w": snorm[:i0], "den": snorm[i0], "signed": signed[:i0],
-            "ablation": anorm[:i0], "ablation_den": anorm[i0],
-            "channel": proj[i1:i2], "null_w": snorm[i2:i3].reshape(n_null, n_w),
-            "null_channel": proj[i3:].reshape(n_null, n_ch, -1),
+            "w": snorm[:n_w], "den": snorm[n_w], "signed": signed,
+            "ablation": anorm[:n_w], "ablation_den": anorm[n_w],
+            "channel": proj[:n_ch], "null_w": snorm[n_w + 1:].reshape(n_null, n_w),
+            "null_channel": proj[n_ch:].reshape(n_null, n_ch, -1),
         })
     return out
 
