@@ -20,7 +20,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -39,15 +38,24 @@ __all__ = ["PartialSums", "StageCache", "code_fingerprint", "tree_fingerprint"]
 T = TypeVar("T")
 
 
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """SHA-256 over the package's Python sources (any code change invalidates a cache)."""
+def _sources_hash() -> str:
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()
+
+
+# taken when the package is imported, i.e. of the code this process runs (an edit made
+# while a long run is going does not relabel that run's cache)
+_CODE = _sources_hash()
+
+
+def code_fingerprint() -> str:
+    """SHA-256 over the package's Python sources as they were when this process imported
+    the channel package (any code change invalidates a cache)."""
+    return _CODE
 
 
 def tree_fingerprint(tree: Any) -> str:
