@@ -74,7 +74,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "chunk_size": 64},
     # d_resid = 1000: stream coordinates on the 150-d span of the writes (exact) and exact
     # probes; fewer samples and null draws than the spec's 1e5 / 20 so that a run takes
-    # minutes on 2 shared CPU cores (experiments/channel_graph.md, T4-T6)
+    # minutes on 2 CPU cores (`--n-data 100000 --n-null 20`: 20-30 min, the same verdicts;
+    # experiments/channel_graph.md, T4-T6)
     "resid-mlp-1": {"n_data": 5000, "n_null": 4, "chunk_size": 64},
     "resid-mlp-2": {"n_data": 5000, "n_null": 4, "chunk_size": 64},
     # the first 1 000 pairs of the training split, exact softmax probes over the 114 logits
