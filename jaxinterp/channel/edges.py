@@ -43,6 +43,8 @@ from .stats import METRICS, probe_cotangents, zero_deltas
 from .subspaces import ChannelSet
 
 NULL_SPACES = ("stream", "support")
+# examples per jit call of resumable edge sums (their running sums are saved after each)
+RESUME_BLOCK = 4096
 
 __all__ = ["NULL_SPACES", "CausalEdges", "causal_edges", "geometric_edges", "reference_outputs",
            "variance_share"]
@@ -271,7 +273,8 @@ def causal_edges(
             in one call. The sums of the blocks are added in float64 on the host; the
             randomness does not depend on the blocking.
         partial: keep the running sums after every block there and resume from them
-            (:class:`~.cache.PartialSums`; implies blocks of ``block_size`` or 4 096).
+            (:class:`~.cache.PartialSums`; implies blocks of ``block_size`` or
+            ``RESUME_BLOCK`` = 4 096).
         progress: a progress bar over the examples.
         key: PRNG key (probes, references, rotations), keyword-last.
 
@@ -319,11 +322,10 @@ def causal_edges(
             return _edge_sums(m64, cs_arrays, rots, rot_omegas, x, yr, k2, metric,
                               probes == "exact", int(n_probes), chunk, jnp.asarray(offset))
 
-        if block_size is None and partial is None:
-            block_size = n
-        sums = _blocked_edge_sums(sums_of, xs, y_refs, chunk=chunk,
-                                  block_size=int(block_size or 4096), partial=partial,
-                                  progress=progress)
+        if block_size is None:
+            block_size = n if partial is None else RESUME_BLOCK
+        sums = _blocked_edge_sums(sums_of, xs, y_refs, chunk=chunk, block_size=int(block_size),
+                                  partial=partial, progress=progress)
     res = CausalEdges({}, {}, {}, {}, {}, {}, {})
     for b in range(1, n_nodes):
         s = sums[b - 1]

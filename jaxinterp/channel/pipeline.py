@@ -39,10 +39,6 @@ from .usage import (
     usage_matrix,
 )
 
-# examples per jit call of the edge sums when they are cached (their running sums are
-# saved after every block)
-EDGE_BLOCK = 4096
-
 __all__ = ["ChannelAnalysis", "ChannelGraphConfig", "channel_components", "channel_graph"]
 
 
@@ -256,16 +252,15 @@ def channel_graph(
     geo, share = geometric_edges(model, cs), variance_share(model, cs)
     fp_edges = fingerprint(fp_ch, "edges", "metric", "probes", "n_probes", "n_ref", "n_null",
                            "null_space", "chunk_size")
+    partial = None if cache is None else cache.partial("edges", fp_edges)
     ce = stage("edges", fp_edges, lambda: causal_edges(
         model, cs, xs, metric=cfg.metric, probes=cfg.probes, n_probes=cfg.n_probes,
         n_ref=cfg.n_ref, n_null=cfg.n_null, null_space=cfg.null_space,
-        chunk_size=cfg.chunk_size,
-        block_size=None if cache is None else EDGE_BLOCK,
-        partial=None if cache is None else cache.partial("edges", fp_edges),
+        chunk_size=cfg.chunk_size, partial=partial,
         progress=progress is not None and not getattr(progress, "disable", False),
         key=jax.random.fold_in(key, 1)))
-    if cache is not None:
-        cache.partial("edges", fp_edges).clear()
+    if partial is not None:  # the stage's output is stored: its running sums are done
+        partial.clear()
     cg = assemble(model, cs, ce, prune=cfg.prune, quantile=cfg.quantile, rtol=cfg.rtol)
     sec["edges"] = time.perf_counter() - t
     tick()
