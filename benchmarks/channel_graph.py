@@ -19,6 +19,7 @@ import json
 import time
 
 from jaxinterp.channel.run import channel_graph_config, load_target_for, run_channel_graph
+from jaxinterp.cli import UserError, parse_seeds
 
 T1_VARIANTS = {
     "identity": {},
@@ -110,7 +111,7 @@ def _induction(target_dir: str | None, n_data: int | None, attention: str) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--seeds", default="0-4", help="A-B or one seed N")
     ap.add_argument("--t1", action="store_true")
     ap.add_argument("--t2", action="store_true")
     ap.add_argument("--variants", default=",".join(T1_VARIANTS))
@@ -119,7 +120,10 @@ def main() -> None:
     ap.add_argument("--target-dir", default=None)
     ap.add_argument("--n-data", type=int, default=None)
     args = ap.parse_args()
-    a, b = (int(s) for s in args.seeds.split("-"))
+    try:
+        seeds = parse_seeds(args.seeds)
+    except UserError as e:
+        ap.error(str(e))
     if args.induction:
         for attention in ("full", "frozen_pattern", "qk"):
             print(json.dumps(_induction(args.target_dir, args.n_data, attention), default=str),
@@ -129,12 +133,12 @@ def main() -> None:
     both = not (args.t1 or args.t2)
     if args.t1 or both:
         for v in args.variants.split(","):
-            for seed in range(a, b + 1):
+            for seed in seeds:
                 m = _run("planted-channels", seed, n_side=args.n_side, **T1_VARIANTS[v])
                 print(json.dumps(_line(f"T1 {v} seed{seed}", m), default=str), flush=True)
     if args.t2 or both:
         for v, ov in (("relu", {}), ("relu-gated", {"gated": True})):
-            for seed in range(a, b + 1):
+            for seed in seeds:
                 m = _run("block-mlp", seed, **ov)
                 print(json.dumps(_line(f"T2 {v} seed{seed}", m), default=str), flush=True)
 
