@@ -11,6 +11,7 @@ from . import jacobians as jacobians
 from . import lib as lib
 from . import models as models
 from . import rng as rng
+from . import sharding as sharding
 from . import target as target
 from . import train as train
 from . import tree as tree

@@ -4,6 +4,10 @@
     jaxinterp train TARGET [--seed N] [--steps N] [--out DIR] [--FIELD VALUE ...]
     jaxinterp run METHOD TARGET [--seed N | --seeds A-B] [--steps N] [--out DIR] [--target DIR]
 
+``train`` and ``run`` take ``--devices N`` (split every batch over a mesh of N devices; on
+a CPU-only machine N host devices are made; results agree with one device to round-off)
+and ``--distributed`` (``jax.distributed.initialize`` first, for multi-host runs).
+
 Any config field of the target's recipe can be overridden with ``--field-name value``
 (``jaxinterp train tms-5-2 --lr 1e-3 --batch-size 512``); a method may take options that
 are not fields (``jaxinterp run spd tms-5-2 --recipe main``). User errors print one line
@@ -169,7 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out")
     r.add_argument("--target", dest="target_dir", help="run directory of a trained target")
     r.add_argument("--no-progress", action="store_true")
+    for q in (t, r):
+        q.add_argument("--devices", type=int, help="data-parallel over the first N devices "
+                       "(CPU: N host devices); the same results as one device, to round-off")
+        q.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-host; with "
+                       "--devices, N counts the devices of all processes)")
     return p
+
+
+def _mesh(args: argparse.Namespace) -> Any:
+    """The data mesh ``--devices`` / ``--distributed`` ask for (None: one device)."""
+    from . import sharding
+
+    if args.devices is not None and args.devices < 1:
+        raise UserError(f"--devices: expected a positive number, got {args.devices}")
+    if args.distributed:
+        sharding.initialize_distributed()
+    if args.devices is None and not args.distributed:
+        return None
+    if args.devices is not None:
+        sharding.request_host_devices(args.devices)
+    mesh = sharding.data_mesh(args.devices)
+    devs = mesh.devices.ravel()
+    print(f"data-parallel over {devs.size} {devs[0].platform} device(s)", file=sys.stderr)
+    return mesh
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             if extra:
                 raise UserError(f"unexpected arguments {' '.join(extra)}")
             return cmd_list(args)
-        if args.command == "train":
-            return cmd_train(args, extra)
-        return cmd_run(args, extra)
+        from .sharding import use_mesh
+
+        with use_mesh(_mesh(args)):
+            if args.command == "train":
+                return cmd_train(args, extra)
+            return cmd_run(args, extra)
     except (UserError, ValueError, FileNotFoundError, FloatingPointError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"jaxinterp: error: {msg}", file=sys.stderr)

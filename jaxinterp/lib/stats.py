@@ -36,6 +36,7 @@ from threadpoolctl import threadpool_limits
 
 from .._checks import check_finite_host, check_positive, check_rank, fail
 from .._types import Array, PyTree
+from ..sharding import shard_batch
 
 __all__ = ["PCA", "LayerStats", "chunked_sum", "host_blas", "layer_stats", "pca", "sign_fix"]
 
@@ -298,6 +299,9 @@ def chunked_sum(
 
     def body(acc: PyTree, inp: tuple[PyTree, Array, Array]) -> tuple[PyTree, None]:
         chunk, m, i = inp
+        # under a mesh with a "data" axis each chunk's examples are split over the devices
+        # (a chunk size they do not divide runs whole on each); the sums stay global
+        chunk, m = shard_batch((chunk, m), strict=False, what="chunk")
         return jax.tree_util.tree_map(jnp.add, acc, fn(chunk, m, i)), None
 
     total, _ = jax.lax.scan(body, init, (chunks, mask, index_offset + jnp.arange(n_chunks)))

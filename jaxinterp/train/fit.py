@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .. import io
 from .._checks import check_positive, fail
 from ..rng import Stream, step_key
+from ..sharding import DATA, replicate, shard_batch, use_mesh
 from .schedules import depends_on_total
 
 LossFn = Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
@@ -177,7 +178,7 @@ def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, da
                 frozen_axis=0, project=None, seed_batch: int | None = None):
     def one_step(state: TrainState, frozen, data, key):
         k = step_key(key, state.step, Stream.DATA)
-        batch = sample_fn(data, k, state.step)
+        batch = shard_batch(sample_fn(data, k, state.step))  # split over a "data" mesh axis
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -240,6 +241,7 @@ def fit(
     extendable: bool = False,
     progress: bool = True,
     desc: str = "train",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Minimise ``loss_fn(params, frozen, batch)`` with ``optimizer``.
 
@@ -280,6 +282,11 @@ def fit(
             more (or fewer, down to the checkpoint's step) updates than it was started with.
         progress: show a tqdm bar.
         desc: progress-bar label.
+        mesh: a mesh with a ``"data"`` axis (:func:`jaxinterp.sharding.data_mesh`): every
+            sampled batch is split along it (its size must divide the batch size) and
+            state, ``frozen`` and ``data`` are replicated on it; None: the mesh set with
+            ``jax.set_mesh`` if any, else one device. Results agree across device counts
+            to round-off (global sums stay global; keys never depend on the device).
 
     Returns:
         A :class:`FitResult`.
@@ -289,6 +296,23 @@ def fit(
         ValueError: bad arguments, or a checkpoint this run cannot resume.
     """
     fn = "fit"
+    if mesh is None:
+        ambient = jax.sharding.get_mesh()
+        mesh = ambient if not ambient.empty and DATA in ambient.axis_names else None
+    with use_mesh(mesh):
+        return _fit(loss_fn, params, frozen, optimizer, sample_fn, steps=steps, key=key,
+                    data=data, seeds=seeds, data_axis=data_axis, frozen_axis=frozen_axis,
+                    steps_per_call=steps_per_call, seed_batch=seed_batch, project=project,
+                    eval_fn=eval_fn, eval_every=eval_every, stop_fn=stop_fn,
+                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                    resume=resume, header=header, extendable=extendable, progress=progress,
+                    desc=desc, mesh=mesh, fn=fn)
+
+
+def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, seeds, data_axis,
+         frozen_axis, steps_per_call, seed_batch, project, eval_fn, eval_every, stop_fn,
+         checkpoint_dir, checkpoint_every, resume, header, extendable, progress, desc, mesh,
+         fn) -> FitResult:
     check_positive(fn, "steps", steps, integer=True)
     check_positive(fn, "steps_per_call", steps_per_call, integer=True)
     if seeds and jnp.ndim(key) == 0:
@@ -323,6 +347,7 @@ def fit(
         check_positive(fn, "seed_batch", seed_batch, integer=True)
     chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis, frozen_axis,
                         project, seed_batch)
+    state, frozen, data, key = replicate((state, frozen, data, key), mesh)
 
     def flat_history():
         out = {k: np.asarray(v) for k, v in history.items()}
