@@ -104,3 +104,38 @@ def test_device_count_invariance(cases):
             assert r["metrics"] <= TOL, (case, n, r)
         if case in ("spd", "apd", "l3d", "channel_graph"):
             assert by_n["4"]["n_metrics"] >= 10, case
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_process_run_matches_one_process():
+    """Two processes with two CPU devices each (jax.distributed, gloo collectives) train
+    on one 4-device mesh and end where one process on its 2 devices does."""
+    script = str(HERE / "multihost_fit.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, script, str(i), "2", port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    single = subprocess.run([sys.executable, script, "0", "1", "0"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert [o["devices"] for o in outs] == [4, 4] and all(o["multi_process"] for o in outs)
+    assert one["devices"] == 2 and not one["multi_process"]
+    assert one["loss"][-1] < 0.5 * one["loss"][0]
+    for o in outs:
+        np.testing.assert_allclose(o["w"], one["w"], rtol=1e-5)
+        np.testing.assert_allclose(o["loss"], one["loss"], rtol=1e-5)
