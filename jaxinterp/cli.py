@@ -3,6 +3,7 @@
     jaxinterp list
     jaxinterp train TARGET [--seed N] [--steps N] [--out DIR] [--FIELD VALUE ...]
     jaxinterp run METHOD TARGET [--seed N | --seeds A-B] [--steps N] [--out DIR] [--target DIR]
+    jaxinterp sweep METHOD TARGET --seeds A-B [--grid FIELD=v1,v2 ...] [--chunk-size N]
 
 ``train`` and ``run`` take ``--devices N`` (split every batch over a mesh of N devices; on
 a CPU-only machine N host devices are made; results agree with one device to round-off)
@@ -152,6 +153,44 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from .decomposition.sweep import parse_grid
+    from .methods import get_method
+    from .models import get_target
+
+    method = get_method(args.method)
+    get_target(args.target)
+    if method.sweep is None:
+        raise UserError(f"method {method.name!r} has no sweep; methods with one: "
+                        + ", ".join(sorted(m for m, v in _methods().items() if v.sweep)))
+    if args.target not in method.targets:
+        raise UserError(f"method {method.name!r} supports targets {', '.join(method.targets)}; "
+                        f"got {args.target!r}")
+    if args.target_dir and not Path(args.target_dir).exists():
+        raise UserError(f"--target: no such run directory {args.target_dir!r}")
+    out = args.out or f"runs/sweep-{args.method}-{args.target}"
+    summary = method.sweep(args.target, seeds=parse_seeds(args.seeds),
+                           grid=parse_grid(args.grid), steps=args.steps, out=out,
+                           target_dir=args.target_dir, overrides=_parse_overrides(extra),
+                           chunk_size=args.chunk_size, progress=not args.no_progress)
+    print(f"\nsweep directory: {out}  ({', '.join(summary['files'])})")
+    print(f"{summary['n_runs']} runs ({summary['n_settings']} settings x "
+          f"{len(summary['seeds'])} seeds) in {summary['n_chunks']} chunk(s), "
+          f"{summary['wall_time_s']:.1f} s; vmapped fields: "
+          f"{', '.join(summary['vmapped_fields']) or 'none'}")
+    for entry in summary["settings"]:
+        label = ", ".join(f"{k}={v}" for k, v in entry["setting"].items()) or "base"
+        rates = {k: v for k, v in entry.items() if k.endswith("_rate")}
+        print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in rates.items()))
+    return 0
+
+
+def _methods() -> dict:
+    from .methods import METHODS
+
+    return METHODS
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinterp", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,7 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out")
     r.add_argument("--target", dest="target_dir", help="run directory of a trained target")
     r.add_argument("--no-progress", action="store_true")
-    for q in (t, r):
+    w = sub.add_parser("sweep", help="many seeds x settings of a method, vmapped together")
+    w.add_argument("method")
+    w.add_argument("target")
+    w.add_argument("--seeds", required=True, help="A-B: the seeds of every setting")
+    w.add_argument("--grid", action="append", metavar="FIELD=V1,V2",
+                   help="values of a config field (repeat for a product grid)")
+    w.add_argument("--chunk-size", type=int,
+                   help="runs vmapped together (default: a group's runs, at most 64)")
+    w.add_argument("--steps", type=int)
+    w.add_argument("--out", help="sweep directory (default runs/sweep-METHOD-TARGET)")
+    w.add_argument("--target", dest="target_dir", help="run directory of a trained target")
+    w.add_argument("--no-progress", action="store_true")
+    for q in (t, r, w):
         q.add_argument("--devices", type=int, help="data-parallel over the first N devices "
                        "(CPU: N host devices); the same results as one device, to round-off")
         q.add_argument("--distributed", action="store_true",
@@ -213,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         with use_mesh(_mesh(args)):
             if args.command == "train":
                 return cmd_train(args, extra)
+            if args.command == "sweep":
+                return cmd_sweep(args, extra)
             return cmd_run(args, extra)
     except (UserError, ValueError, FileNotFoundError, FloatingPointError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

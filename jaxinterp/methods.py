@@ -22,6 +22,7 @@ class Method:
     description: str
     targets: tuple[str, ...]
     run: Callable[..., dict[str, Any]]
+    sweep: Callable[..., dict[str, Any]] | None = None  # ``jaxinterp sweep`` (vmapped runs)
 
 
 METHODS: dict[str, Method] = {}

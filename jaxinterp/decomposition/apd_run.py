@@ -34,8 +34,11 @@ from .runs import (
     preset_config,
     probe_sites,
     read_saved_run,
+    run_settings,
     saved_components,
     summary_head,
+    sweep_runner,
+    with_hyper,
 )
 
 TMS_PATHS = (".W_enc",)
@@ -149,6 +152,16 @@ class APDConfig:
             attr_mode=self.attr_mode)
 
 
+# config fields a sweep may vary within one vmapped fit (jaxinterp sweep)
+SWEEPABLE = ("c_faith", "c_topk", "c_act", "c_schatten", "c_lp", "c_out", "lr")
+
+
+def sweepable(cfg: APDConfig) -> tuple[str, ...]:
+    """:data:`SWEEPABLE` less ``lr`` under ``unit_norm`` (its projection is not linear
+    in the learning rate)."""
+    return tuple(f for f in SWEEPABLE if not (cfg.unit_norm and f == "lr"))
+
+
 _RESID_SITES = lambda n: tuple(f".layers[{i}].mlp_in" for i in range(n))  # noqa: E731
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -247,7 +260,7 @@ def load_apd_run(run_dir: str | Path, *, target_dir: str | Path | None = None) -
 
 def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfig,
               seeds: list[int], *, out: str | Path | None = None, progress: bool = True,
-              resume: bool = True) -> APDResult:
+              resume: bool = True, hyper: dict[str, list[float]] | None = None) -> APDResult:
     """Decompose ``model`` (one trained toy target) with APD, all ``seeds`` in one vmapped
     run, then evaluate every seed.
 
@@ -259,6 +272,9 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
         seeds: APD seeds (init and data); vmapped.
         out: run directory (config.json, metrics.json, components.eqx, plots), or None.
         progress, resume: progress bar; resume from ``out/checkpoint.eqx``.
+        hyper: per-run values ``{field: [one per run]}`` of fields in :data:`SWEEPABLE`
+            (loss coefficients that are on; ``lr`` unless ``unit_norm``, whose projection
+            is not linear in it), vmapped with the seeds (a seed may repeat).
     """
     if not seeds:
         raise fail("train_apd", "seeds", "at least one seed", seeds)
@@ -280,21 +296,24 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
     if cfg.unit_norm:
         opt = optax.chain(apd.unit_norm_columns(), opt, apd.renormalize_columns())
     lcfg = cfg.loss_config()
+    settings = run_settings("train_apd", cfg, len(seeds), hyper, sweepable(cfg))
 
-    def loss_fn(c, p, batch):
-        return apd.apd_loss(c, p, batch_inputs(batch), apply=apply, sites=sites, cfg=lcfg)
+    def loss_fn(c, p, batch, h=None):
+        return apd.apd_loss(c, p, batch_inputs(batch), apply=apply, sites=sites,
+                            cfg=with_hyper(lcfg, h))
 
     def sample_fn(_, k, step):
         return target.sample(dcfg, None, k, step)
 
     def evaluate(c, hist, i):
-        return {**evaluate_apd(c, model, apply, params, sites, target, target_cfg, cfg,
-                               key=stream_key(keys[i], Stream.EVAL)),
+        return {**evaluate_apd(c, model, apply, params, sites, target, target_cfg,
+                               settings.configs[i], key=stream_key(keys[i], Stream.EVAL)),
                 **final_losses(hist, rename={"n_active": "train_mean_active"})}
 
     run = fit_seeds("apd", target.name, cfg, seeds, keys, comps, params, opt, loss_fn,
                     sample_fn, evaluate, steps=cfg.steps, out=out, progress=progress,
-                    resume=resume)
+                    resume=resume, hyper=settings.fit_hyper,
+                    header_extra={"hyper": settings.header} if settings.header else None)
     result, seed_metrics, wall, run_dir, header = run
     comps = result.params
     metrics = _summarise(seed_metrics, cfg, result, wall)
@@ -329,4 +348,5 @@ register_method(Method(
     description="Attribution-based Parameter Decomposition (Braun et al. 2025)",
     targets=tuple(PRESETS),
     run=cli_runner("apd", apd_config, APDConfig, _INT_FIELDS, train_apd),
+    sweep=sweep_runner("apd", apd_config, APDConfig, _INT_FIELDS, train_apd, sweepable),
 ))

@@ -44,7 +44,14 @@ from .l3d_metrics import (
     sample_selectivity,
     tms_assignment,
 )
-from .runs import cli_runner, fit_seeds, preset_config, summary_head
+from .runs import (
+    cli_runner,
+    fit_seeds,
+    preset_config,
+    run_settings,
+    summary_head,
+    sweep_runner,
+)
 
 __all__ = ["L3DConfig", "L3DResult", "UntiedTMS", "l3d_config", "l3d_target", "train_l3d"]
 
@@ -147,6 +154,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "x-squared": dict(n_v=5, ranks={"*.weight": 2, "*.bias": 1}, warm_start_epochs=10,
                       success_fvu=0.40, **_SHARDED),
 }
+# config fields a sweep may vary within one vmapped fit (jaxinterp sweep); k is a static
+# top-k width
+SWEEPABLE = ("lr",)
+_INT_FIELDS = ("n_v", "steps", "batch_size", "epochs", "topk_group", "warm_start_epochs",
+               "n_data", "n_eval")
 TMS_GRID = tuple(float(d) for d in np.round(np.linspace(-3.0, 3.0, 31), 6))
 SQUARE_GRID = (-1.0, -0.5, -0.3, -0.1, 0.1, 0.3, 0.5, 1.0)
 
@@ -241,7 +253,7 @@ def make_loss_fn(cfg: L3DConfig, apply: Any, params: Any, names: tuple[str, ...]
     warm = cfg.warm_start_epochs > 0
     k_static = max(cfg.k, 0.999) if warm else cfg.k
 
-    def loss_fn(sub, w, batch):
+    def loss_fn(sub, w, batch, h=None):  # h: a sweep's lr (applied by the fit loop)
         x, ref, step = batch
         grads = grads_fn(w, x, ref)
         k_active = jnp.where(step // spe < cfg.warm_start_epochs, 0.999, cfg.k) if warm else None
@@ -253,11 +265,12 @@ def make_loss_fn(cfg: L3DConfig, apply: Any, params: Any, names: tuple[str, ...]
 
 def train_l3d(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: L3DConfig,
               seeds: list[int], *, out: str | Path | None = None, progress: bool = True,
-              resume: bool = True) -> L3DResult:
+              resume: bool = True, hyper: dict[str, list[float]] | None = None) -> L3DResult:
     """Decompose ``model`` with L3D, all ``seeds`` in one vmapped run, then evaluate each.
 
     Every seed draws its own decomposition data, initialisation, shuffles and references
-    from ``seed_key(seed)``.
+    from ``seed_key(seed)``. ``hyper``: per-run values of :data:`SWEEPABLE` fields (the
+    learning rate), vmapped with the seeds (a seed may repeat).
     """
     if not seeds:
         raise fail("train_l3d", "seeds", "at least one seed", seeds)
@@ -279,6 +292,7 @@ def train_l3d(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: L3DConfi
     opt = make_optimizer("adam", cfg.lr, steps, schedule="step", gamma=cfg.lr_gamma,
                          every=cfg.lr_every_epochs, steps_per_epoch=spe)
     loss_fn = make_loss_fn(cfg, apply, params, names)
+    settings = run_settings("train_l3d", cfg, len(seeds), hyper, SWEEPABLE)
 
     def sample_fn(d, key, step):
         idx = epoch_batch_pointwise(jax.random.wrap_key_data(d["shuffle"]), step,
@@ -288,12 +302,14 @@ def train_l3d(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: L3DConfi
         return d["x"][idx], ref, step
 
     def evaluate(sub_i, hist, i):
-        return evaluate_l3d(sub_i, hist, model, apply, params, names, target, target_cfg, cfg,
-                            key=stream_key(keys[i], Stream.EVAL))
+        return evaluate_l3d(sub_i, hist, model, apply, params, names, target, target_cfg,
+                            settings.configs[i], key=stream_key(keys[i], Stream.EVAL))
 
     run = fit_seeds("l3d", target.name, cfg, seeds, keys, sub0, w, opt, loss_fn, sample_fn,
                     evaluate, steps=steps, out=out, progress=progress, resume=resume,
-                    header_extra={"paths": list(names)}, data=data, data_axis=0,
+                    header_extra={"paths": list(names),
+                                  **({"hyper": settings.header} if settings.header else {})},
+                    hyper=settings.fit_hyper, data=data, data_axis=0,
                     project=lambda s: l3d.normalize_decoder(s, quirk=cfg.norm_quirk))
     result, seed_metrics, wall, run_dir, header = run
     sub = result.params
@@ -501,7 +517,6 @@ register_method(Method(
     name="l3d",
     description="Local Loss Landscape Decomposition (Chrisman, Bushnaq, Sharkey 2025)",
     targets=tuple(PRESETS),
-    run=cli_runner("l3d", l3d_config, L3DConfig,
-                   ("n_v", "steps", "batch_size", "epochs", "topk_group", "warm_start_epochs",
-                    "n_data", "n_eval"), train_l3d, _cli_summary),
+    run=cli_runner("l3d", l3d_config, L3DConfig, _INT_FIELDS, train_l3d, _cli_summary),
+    sweep=sweep_runner("l3d", l3d_config, L3DConfig, _INT_FIELDS, train_l3d, SWEEPABLE),
 ))

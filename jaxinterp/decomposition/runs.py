@@ -83,6 +83,67 @@ def load_or_train_target(name: str, target_dir: str | Path | None, *, progress: 
     return r.model, r.config, base.get_target(name)
 
 
+class RunSettings(NamedTuple):
+    """Per-run hyperparameters of a vmapped fit (:func:`run_settings`)."""
+
+    fit_hyper: dict[str, jax.Array] | None  # for ``fit(hyper=)``; lr as ``lr_scale``
+    configs: list[Any]  # each run's config (its evaluation uses it)
+    header: dict[str, list[float]]  # for the checkpoint header (a resume must match)
+
+
+def run_settings(fn: str, cfg: Any, n_runs: int, hyper: dict[str, Any] | None,
+                 sweepable: tuple[str, ...]) -> RunSettings:
+    """Check per-run values of the config fields ``hyper`` names and turn them into the
+    traced hyperparameters of one vmapped fit.
+
+    Only fields in ``sweepable`` may vary between the runs of one fit: loss coefficients
+    that are on (a coefficient of None turns its term off, which changes the program), the
+    exponents the loss computes with, and ``lr`` (as a factor on the updates over
+    ``cfg.lr``). Everything else is structure and takes one value per fit.
+
+    Raises:
+        ValueError: an unknown or non-sweepable field, a list of the wrong length, a
+            coefficient that is off in ``cfg``, or a non-positive learning rate.
+    """
+    if not hyper:
+        return RunSettings(None, [cfg] * n_runs, {})
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    fit_hyper, header = {}, {}
+    for name, values in hyper.items():
+        if name not in fields:
+            raise fail(fn, "hyper", f"fields of {type(cfg).__name__}", repr(name))
+        if name not in sweepable:
+            raise fail(fn, "hyper", f"fields that may vary within one vmapped fit "
+                       f"{list(sweepable)}", repr(name),
+                       "Other fields change the program: run their values one after another.")
+        vals = [float(v) for v in values]
+        if len(vals) != n_runs:
+            raise fail(fn, f"hyper[{name!r}]", f"{n_runs} values (one per run)", len(vals))
+        if name.startswith("c_") and getattr(cfg, name) is None:
+            raise fail(fn, f"hyper[{name!r}]", f"a term that is on ({name} not None in the "
+                       "config)", None, f"Set --{name.replace('_', '-')} in the base config.")
+        if name == "lr":
+            if min(vals) <= 0:
+                raise fail(fn, "hyper['lr']", "positive learning rates", min(vals))
+            fit_hyper["lr_scale"] = jnp.asarray([v / cfg.lr for v in vals], jnp.float32)
+        else:
+            fit_hyper[name] = jnp.asarray(vals, jnp.float32)
+        header[name] = vals
+    configs = [dataclasses.replace(cfg, **{k: v[i] for k, v in header.items()})
+               for i in range(n_runs)]
+    return RunSettings(fit_hyper, configs, header)
+
+
+def with_hyper(base: Any, hyper: dict[str, Any] | None, skip: tuple[str, ...] = ("lr_scale",)
+               ) -> Any:
+    """The NamedTuple ``base`` (a loss config) with the traced values of ``hyper`` for the
+    fields it has (``lr_scale`` is the fit's)."""
+    if not hyper:
+        return base
+    return base._replace(**{k: v for k, v in hyper.items()
+                            if k not in skip and k in base._fields})
+
+
 class SeedsFit(NamedTuple):
     """A vmapped decomposition fit and every seed's evaluation (:func:`fit_seeds`)."""
 
@@ -253,3 +314,20 @@ def cli_runner(method: str, make_config: Callable[..., Any], cls: type,
         return summary(res) if summary else res.metrics
 
     return run
+
+
+def sweep_runner(method: str, make_config: Callable[..., Any], cls: type,
+                 int_fields: tuple[str, ...], train: Callable[..., Any],
+                 sweepable: tuple[str, ...] | Callable[[Any], tuple[str, ...]],
+                 options: tuple[str, ...] = ()) -> Callable[..., dict]:
+    """The ``sweep`` callable of a :class:`jaxinterp.methods.Method`
+    (:func:`jaxinterp.decomposition.sweep.run_sweep` with the method's pieces)."""
+
+    def sweep(target_name: str, **kwargs: Any) -> dict:
+        from .sweep import run_sweep
+
+        return run_sweep(method, target_name, make_config=make_config, cls=cls,
+                         int_fields=int_fields, train=train, sweepable=sweepable,
+                         options=options, **kwargs)
+
+    return sweep

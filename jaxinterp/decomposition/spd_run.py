@@ -34,8 +34,11 @@ from .runs import (
     preset_config,
     probe_sites,
     read_saved_run,
+    run_settings,
     saved_components,
     summary_head,
+    sweep_runner,
+    with_hyper,
 )
 from .spd_metrics import (
     dense_ci_error,
@@ -181,7 +184,11 @@ class SPDConfig:
                                  pgd=self.pgd_config())
 
 
-NOT_LOSSES = ("step", "ci_l0", "p")  # history entries that are not loss terms
+NOT_LOSSES = ("step", "ci_l0", "p")
+_INT_FIELDS = ("C", "ci_hidden", "steps", "batch_size", "seed_batch")
+# config fields a sweep may vary within one vmapped fit (jaxinterp sweep)
+SWEEPABLE = ("c_faith", "c_stoch", "c_layerwise", "c_imp", "c_subset", "c_hidden_recon",
+             "c_pgd", "p", "lr")  # history entries that are not loss terms
 _TMS40 = dict(C=200, c_imp=1e-4, p=2.0, success_ml2r=(0.98, 1.05))
 _RESID = dict(c_imp=1e-5, p=2.0, batch_size=2048, schedule="constant")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -242,15 +249,18 @@ class SPDResult:
 
 def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfig,
               seeds: list[int], *, out: str | Path | None = None, progress: bool = True,
-              resume: bool = True) -> SPDResult:
+              resume: bool = True, hyper: dict[str, list[float]] | None = None) -> SPDResult:
     """Decompose ``model`` with SPD, all ``seeds`` in one vmapped run, then evaluate each.
 
     Args:
         model: the trained target (equinox module, one example per call).
         target, target_cfg: its toy target and config (data sampler).
         cfg: SPD settings.
-        seeds: SPD seeds (init, data and masks); vmapped.
+        seeds: SPD seeds (init, data and masks); vmapped. A seed may repeat (with other
+            ``hyper`` values): its runs then share initialisation, data and masks.
         out: run directory, or None.
+        hyper: per-run values ``{field: [one per run]}`` of fields in :data:`SWEEPABLE`
+            (loss coefficients that are on, ``p``, ``lr``), vmapped with the seeds.
     """
     if not seeds:
         raise fail("train_spd", "seeds", "at least one seed", seeds)
@@ -266,12 +276,14 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
     opt = make_optimizer("adam", cfg.lr, cfg.steps, schedule=cfg.schedule,
                          warmup_frac=cfg.warmup_frac, grad_clip=cfg.clip_norm)
     lcfg = cfg.loss_config()
+    settings = run_settings("train_spd", cfg, len(seeds), hyper, SWEEPABLE)
 
-    def loss_fn(c, frozen, batch):
+    def loss_fn(c, frozen, batch, h=None):
         x, mask_key, step = batch
-        p = spd.annealed_p(step, cfg.steps, cfg.p, cfg.p_anneal)
-        total, aux = spd.spd_loss(c, frozen, x, mask_key, apply=apply, sites=sites, cfg=lcfg,
-                                  p=p)
+        p = spd.annealed_p(step, cfg.steps, cfg.p if h is None or "p" not in h else h["p"],
+                           cfg.p_anneal)
+        total, aux = spd.spd_loss(c, frozen, x, mask_key, apply=apply, sites=sites,
+                                  cfg=with_hyper(lcfg, h), p=p)
         if cfg.p_anneal is not None:
             aux = {**aux, "p": jnp.asarray(p)}  # the annealed exponent, in the history
         return total, aux
@@ -281,13 +293,14 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
         return x, stream_key(k, Stream.MASK), step
 
     def evaluate(c, hist, i):
-        return {**evaluate_spd(c, model, apply, params, sites, target, target_cfg, cfg,
-                               key=stream_key(keys[i], Stream.EVAL)),
+        return {**evaluate_spd(c, model, apply, params, sites, target, target_cfg,
+                               settings.configs[i], key=stream_key(keys[i], Stream.EVAL)),
                 **final_losses(hist, skip=NOT_LOSSES)}
 
     run = fit_seeds("spd", target.name, cfg, seeds, keys, comps, params, opt, loss_fn,
                     sample_fn, evaluate, steps=cfg.steps, out=out, progress=progress,
-                    resume=resume)
+                    resume=resume, hyper=settings.fit_hyper,
+                    header_extra={"hyper": settings.header} if settings.header else None)
     result, seed_metrics, wall, run_dir, header = run
     comps = result.params
     metrics = _summarise(seed_metrics, cfg, result, wall)
@@ -566,7 +579,8 @@ register_method(Method(
     name="spd",
     description="Stochastic Parameter Decomposition (Bushnaq, Braun, Sharkey 2025)",
     targets=tuple(PRESETS),
-    run=cli_runner("spd", spd_config, SPDConfig,
-                   ("C", "ci_hidden", "steps", "batch_size", "seed_batch"),
-                   train_spd, _cli_summary, options=("recipe",)),
+    run=cli_runner("spd", spd_config, SPDConfig, _INT_FIELDS, train_spd, _cli_summary,
+                   options=("recipe",)),
+    sweep=sweep_runner("spd", spd_config, SPDConfig, _INT_FIELDS, train_spd, SWEEPABLE,
+                       options=("recipe",)),
 ))

@@ -35,6 +35,7 @@ CHECKPOINT = "checkpoint.eqx"
 HISTORY = "checkpoint_history.npz"
 # config fields that may differ when a run resumes: they do not change the updates
 RUN_MECHANICS = ("steps_per_call", "checkpoint_every", "eval_every", "eval_size", "seed_batch")
+LR_SCALE = "lr_scale"  # the hyper entry that scales a run's updates (learning rate)
 EVAL_PREFIXES = ("gate_", "success_")  # quality-gate and success thresholds: evaluation only
 
 
@@ -163,7 +164,7 @@ def _seeds_step(one_step, frozen_axis, data_axis, seed_batch):
         # the operands with a seeds axis; shared ones stay out (None) and are closed over
         xs = (state, None if frozen_axis is None else frozen,
               None if data_axis is None else data, key)
-        n = jnp.shape(key)[0]
+        n = jnp.shape(jax.tree_util.tree_leaves(key)[0])[0]  # key: (run keys, hyper)
         if n == 1:
             out = one(jax.tree_util.tree_map(lambda v: v[0], xs))
             return jax.tree_util.tree_map(lambda v: v[None], out)
@@ -176,11 +177,20 @@ def _seeds_step(one_step, frozen_axis, data_axis, seed_batch):
 
 def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, data_axis,
                 frozen_axis=0, project=None, seed_batch: int | None = None):
-    def one_step(state: TrainState, frozen, data, key):
+    def one_step(state: TrainState, frozen, data, run):
+        key, hyper = run
         k = step_key(key, state.step, Stream.DATA)
         batch = shard_batch(sample_fn(data, k, state.step))  # split over a "data" mesh axis
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch)
+        if hyper is None:
+            value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, aux), grads = value_and_grad(state.params, frozen, batch)
+        else:
+            value_and_grad = jax.value_and_grad(lambda p: loss_fn(p, frozen, batch, hyper),
+                                                has_aux=True)
+            (loss, aux), grads = value_and_grad(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if hyper is not None and LR_SCALE in hyper:  # the optimizers are linear in lr
+            updates = jax.tree_util.tree_map(lambda u: u * hyper[LR_SCALE], updates)
         params = optax.apply_updates(state.params, updates)
         if project is not None:
             params = project(params)
@@ -242,6 +252,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     mesh: jax.sharding.Mesh | None = None,
+    hyper: dict[str, Any] | None = None,
 ) -> FitResult:
     """Minimise ``loss_fn(params, frozen, batch)`` with ``optimizer``.
 
@@ -287,6 +298,12 @@ def fit(
             state, ``frozen`` and ``data`` are replicated on it; None: the mesh set with
             ``jax.set_mesh`` if any, else one device. Results agree across device counts
             to round-off (global sums stay global; keys never depend on the device).
+        hyper: per-run hyperparameters ``{name: (seeds,) array}`` (with ``seeds``) or
+            scalars: ``loss_fn`` is then called as ``loss_fn(params, frozen, batch,
+            hyper)`` with one run's values, so settings vmap along with the seeds
+            (``jaxinterp sweep``); the entry ``"lr_scale"`` multiplies the run's updates,
+            which is the learning rate times that factor for every optimizer of
+            :func:`~jaxinterp.train.make_optimizer`. None: ``loss_fn(params, frozen, batch)``.
 
     Returns:
         A :class:`FitResult`.
@@ -306,13 +323,13 @@ def fit(
                     eval_fn=eval_fn, eval_every=eval_every, stop_fn=stop_fn,
                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                     resume=resume, header=header, extendable=extendable, progress=progress,
-                    desc=desc, mesh=mesh, fn=fn)
+                    desc=desc, mesh=mesh, hyper=hyper, fn=fn)
 
 
 def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, seeds, data_axis,
          frozen_axis, steps_per_call, seed_batch, project, eval_fn, eval_every, stop_fn,
          checkpoint_dir, checkpoint_every, resume, header, extendable, progress, desc, mesh,
-         fn) -> FitResult:
+         hyper, fn) -> FitResult:
     check_positive(fn, "steps", steps, integer=True)
     check_positive(fn, "steps_per_call", steps_per_call, integer=True)
     if seeds and jnp.ndim(key) == 0:
@@ -347,7 +364,13 @@ def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, see
         check_positive(fn, "seed_batch", seed_batch, integer=True)
     chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis, frozen_axis,
                         project, seed_batch)
-    state, frozen, data, key = replicate((state, frozen, data, key), mesh)
+    if hyper is not None:
+        hyper = {k: jnp.asarray(v) for k, v in hyper.items()}
+        want = (jax.tree_util.tree_leaves(params)[0].shape[0],) if seeds else ()
+        for k, v in hyper.items():
+            if v.shape != want:
+                raise fail(fn, f"hyper[{k!r}]", f"of shape {want} (one value per run)", v.shape)
+    state, frozen, data, key, hyper = replicate((state, frozen, data, key, hyper), mesh)
 
     def flat_history():
         out = {k: np.asarray(v) for k, v in history.items()}
@@ -376,7 +399,7 @@ def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, see
     try:
         while step < steps:
             n = min(steps_per_call, steps - step)
-            new_state, terms = chunk(state, frozen, data, key, n)
+            new_state, terms = chunk(state, frozen, data, (key, hyper), n)
             terms = jax.device_get(terms)
             _check_finite(terms, step)
             state = new_state
