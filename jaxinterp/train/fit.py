@@ -201,9 +201,11 @@ def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, da
         one_step = _seeds_step(one_step, frozen_axis, data_axis, seed_batch)
 
     @eqx.filter_jit
-    def chunk(state, frozen, data, key, n: int):
+    def chunk(state, frozen, data, key, n: int, hyper=None):
+        run = (key, hyper)  # vmapped together over the seeds axis
+
         def body(s, _):
-            s, terms = one_step(s, frozen, data, key)
+            s, terms = one_step(s, frozen, data, run)
             return s, terms
 
         return jax.lax.scan(body, state, None, length=n)
@@ -399,7 +401,7 @@ def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, see
     try:
         while step < steps:
             n = min(steps_per_call, steps - step)
-            new_state, terms = chunk(state, frozen, data, (key, hyper), n)
+            new_state, terms = chunk(state, frozen, data, key, n, hyper)
             terms = jax.device_get(terms)
             _check_finite(terms, step)
             state = new_state
