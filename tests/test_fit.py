@@ -227,3 +227,43 @@ def test_resume_rules_of_the_configs():
     assert not steps_extendable(spd_config("resid-mlp-3", p_anneal=(1.0, 0.0, 1.0)))
     assert not steps_extendable(spd_config("tms-5-2"))  # quarter-cosine
     assert not steps_extendable(l3d_config("tms-5-2"))  # steps from epochs
+
+
+def test_mixed_precision_casts_compute_but_keeps_float32_state():
+    import optax
+
+    from jaxinterp.train import fit
+
+    seen = []
+
+    def loss_fn(p, frozen, batch):
+        x, y = batch
+        seen.append((p["w"].dtype, x.dtype, frozen.dtype))
+        err = x @ p["w"] * frozen - y
+        return jnp.mean(err**2), {"max": jnp.max(jnp.abs(err))}
+
+    def sample_fn(_, k, step):
+        x = jax.random.normal(k, (64, 3))
+        return x, x @ jnp.array([1.0, -2.0, 0.5])
+
+    def run(dtype):
+        seen.clear()
+        return fit(loss_fn, {"w": jnp.zeros((3,))}, jnp.ones(()), optax.adam(0.1), sample_fn,
+                   steps=60, key=jax.random.key(0), steps_per_call=30, progress=False,
+                   compute_dtype=dtype)
+
+    with jax.enable_x64(False):
+        full = run("float32")
+        assert set(seen) == {(jnp.dtype("float32"),) * 3}
+        half = run("bfloat16")
+        assert set(seen) == {(jnp.dtype("bfloat16"),) * 3}
+    assert half.params["w"].dtype == jnp.float32
+    assert half.history["loss"].dtype == np.float32 and half.history["max"].dtype == np.float32
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a: a.dtype != jnp.bfloat16, half.opt_state))
+    # bfloat16 has 8 significant bits: the fits agree to its resolution, and both converge
+    np.testing.assert_allclose(half.params["w"], full.params["w"], atol=0.05)
+    assert half.history["loss"][-1] < 1e-2 * half.history["loss"][0]
+    assert not np.array_equal(half.history["loss"], full.history["loss"])
+    with pytest.raises(ValueError, match="compute_dtype"):
+        run("float8")

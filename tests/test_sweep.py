@@ -64,6 +64,8 @@ def test_run_settings_errors():
         run_settings("f", cfg, 1, {"nope": [1.0]}, ("nope",))
     with pytest.raises(ValueError, match="positive learning rates"):
         run_settings("f", cfg, 2, {"lr": [1e-3, 0.0]}, ("lr",))
+    with pytest.raises(ValueError, match="SPDConfig: expected compute_dtype one of"):
+        _cfg(compute_dtype="float8")
     s = run_settings("f", cfg, 2, {"lr": [1e-3, 4e-3]}, ("lr",))
     np.testing.assert_allclose(np.asarray(s.fit_hyper["lr_scale"]), [1.0, 4.0])
     assert [c.lr for c in s.configs] == [1e-3, 4e-3]

@@ -24,6 +24,7 @@ from ..models import base
 from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
 from ..train import make_optimizer
+from ..train.fit import COMPUTE_DTYPES
 from . import apd
 from .apd_metrics import evaluate_apd
 from .runs import (
@@ -78,6 +79,9 @@ class APDConfig:
             when at most an eighth of the ``batch x C`` mask entries can be active). Same
             values either way (tested); a speed setting.
         steps_per_call, eval_size, checkpoint_every: run mechanics.
+        compute_dtype: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"`` for mixed
+            precision (the loss on cast copies; parameters, optimizer state, loss terms and
+            ``jnp`` reductions stay float32; :func:`jaxinterp.train.fit.mixed_precision`).
         seed_batch: seeds vmapped together (None: all; see :func:`~jaxinterp.train.fit`);
             1 runs the seeds in turn, which is faster per seed on a CPU.
         success_mmcs, success_ml2r: a TMS seed succeeds when MMCS >= success_mmcs and
@@ -117,10 +121,12 @@ class APDConfig:
     seed_batch: int | None = None
     eval_size: int = 10_000
     checkpoint_every: int = 2000
+    compute_dtype: str = "float32"
     success_mmcs: float = 0.998
     success_ml2r: tuple[float, float] = (0.89, 1.02)
 
     def __post_init__(self):
+        check_in("APDConfig", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         for name in ("C", "batch_size", "steps_per_call", "eval_size"):
             check_positive("APDConfig", name, getattr(self, name), integer=True)
         if self.steps < 0:

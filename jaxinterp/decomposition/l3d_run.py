@@ -34,6 +34,7 @@ from ..models.data import epoch_batch_pointwise, sparse_uniform
 from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
 from ..train import make_optimizer
+from ..train.fit import COMPUTE_DTYPES
 from . import l3d
 from .l3d_metrics import (
     effect_assignment,
@@ -84,6 +85,9 @@ class L3DConfig:
         deltas: intervention step sizes (None: the target's grid).
         n_ref_impact: references averaged in the impact score.
         steps_per_call, checkpoint_every: run mechanics.
+        compute_dtype: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"`` for mixed
+            precision (the loss on cast copies; parameters, optimizer state, loss terms and
+            ``jnp`` reductions stay float32; :func:`jaxinterp.train.fit.mixed_precision`).
         success_fvu: a seed's FVU bound for success (target-specific rules in
             :func:`seed_success`).
     """
@@ -110,10 +114,12 @@ class L3DConfig:
     n_ref_impact: int = 10
     steps_per_call: int = 500
     checkpoint_every: int = 5000
+    compute_dtype: str = "float32"
     success_fvu: float = 0.22
 
     def __post_init__(self):
         fn = "L3DConfig"
+        check_in(fn, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         for name in ("n_v", "n_data", "n_eval", "batch_size", "epochs", "lr_every_epochs",
                      "n_ref_impact", "steps_per_call"):
             check_positive(fn, name, getattr(self, name), integer=True)

@@ -187,6 +187,7 @@ def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: j
                  seeds=True, frozen_axis=None,
                  steps_per_call=min(cfg.steps_per_call, max(steps, 1)),
                  seed_batch=getattr(cfg, "seed_batch", None), checkpoint_dir=run_dir,
+                 compute_dtype=getattr(cfg, "compute_dtype", "float32"),
                  checkpoint_every=cfg.checkpoint_every, resume=resume, header=header,
                  extendable=extendable, progress=progress,
                  desc=f"{method} {target_name}", **fit_kwargs)

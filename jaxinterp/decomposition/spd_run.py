@@ -24,6 +24,7 @@ from ..models import base
 from ..rng import Stream, seed_key, stream_key
 from ..target import from_equinox
 from ..train import make_optimizer
+from ..train.fit import COMPUTE_DTYPES
 from . import apd, spd
 from .apd_run import TMS_ID_PATHS, TMS_PATHS, resid_paths
 from .runs import (
@@ -95,6 +96,9 @@ class SPDConfig:
         batch_size, steps, lr, schedule, warmup_frac: Adam (no weight decay) settings.
         clip_norm: global gradient-norm clipping (None: none, the paper's).
         steps_per_call, eval_size, checkpoint_every: run mechanics.
+        compute_dtype: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"`` for mixed
+            precision (the loss on cast copies; parameters, optimizer state, loss terms and
+            ``jnp`` reductions stay float32; :func:`jaxinterp.train.fit.mixed_precision`).
         seed_batch: seeds vmapped together (None: all; see :func:`~jaxinterp.train.fit`).
         success_mmcs, success_ml2r: a TMS seed succeeds with MMCS >= success_mmcs, ML2R
             within the band, IdentityCIError 0 on every site and the expected number of
@@ -134,11 +138,13 @@ class SPDConfig:
     seed_batch: int | None = None
     eval_size: int = 10_000
     checkpoint_every: int = 5000
+    compute_dtype: str = "float32"
     success_mmcs: float = 0.999
     success_ml2r: tuple[float, float] = (0.97, 1.03)
 
     def __post_init__(self):
         fn = "SPDConfig"
+        check_in(fn, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         for name in ("ci_hidden", "batch_size", "steps_per_call", "eval_size"):
             check_positive(fn, name, getattr(self, name), integer=True)
         if self.seed_batch is not None:

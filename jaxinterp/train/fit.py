@@ -213,6 +213,35 @@ def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, da
     return chunk
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def mixed_precision(loss_fn: Callable[..., Any], compute_dtype: str) -> Callable[..., Any]:
+    """``loss_fn`` evaluated on copies of its float32 arguments cast to ``compute_dtype``,
+    returning float32 loss and terms (gradients reach the float32 originals through the
+    casts). ``"float32"``: ``loss_fn`` itself."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise fail("fit", "compute_dtype", f"one of {COMPUTE_DTYPES}", repr(compute_dtype))
+    if compute_dtype == "float32":
+        return loss_fn
+    low = jnp.dtype(compute_dtype)
+
+    def down(tree):
+        return jax.tree_util.tree_map(
+            lambda a: a.astype(low) if eqx.is_inexact_array(a) and a.dtype == jnp.float32
+            else a, tree)
+
+    def up(tree):
+        return jax.tree_util.tree_map(
+            lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, tree)
+
+    def cast_loss(params, frozen, batch, *hyper):
+        loss, aux = loss_fn(down(params), down(frozen), down(batch), *hyper)
+        return up(loss), up(aux)
+
+    return cast_loss
+
+
 def _check_finite(terms: dict[str, np.ndarray], first_step: int) -> None:
     for name, vals in terms.items():
         v = np.asarray(vals)
@@ -255,6 +284,7 @@ def fit(
     desc: str = "train",
     mesh: jax.sharding.Mesh | None = None,
     hyper: dict[str, Any] | None = None,
+    compute_dtype: str = "float32",
 ) -> FitResult:
     """Minimise ``loss_fn(params, frozen, batch)`` with ``optimizer``.
 
@@ -306,6 +336,10 @@ def fit(
             (``jaxinterp sweep``); the entry ``"lr_scale"`` multiplies the run's updates,
             which is the learning rate times that factor for every optimizer of
             :func:`~jaxinterp.train.make_optimizer`. None: ``loss_fn(params, frozen, batch)``.
+        compute_dtype: ``"bfloat16"`` or ``"float16"``: mixed precision, the loss runs on
+            copies of the float32 parameters, frozen pytree and batch cast to that dtype
+            (``jnp`` sums and means still accumulate in float32), and the loss, its terms,
+            the gradients, the optimizer state and the parameters stay float32.
 
     Returns:
         A :class:`FitResult`.
@@ -325,14 +359,16 @@ def fit(
                     eval_fn=eval_fn, eval_every=eval_every, stop_fn=stop_fn,
                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                     resume=resume, header=header, extendable=extendable, progress=progress,
-                    desc=desc, mesh=mesh, hyper=hyper, fn=fn)
+                    desc=desc, mesh=mesh, hyper=hyper, fn=fn,
+                    loss_fn_cast=mixed_precision(loss_fn, compute_dtype))
 
 
 def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, seeds, data_axis,
          frozen_axis, steps_per_call, seed_batch, project, eval_fn, eval_every, stop_fn,
          checkpoint_dir, checkpoint_every, resume, header, extendable, progress, desc, mesh,
-         hyper, fn) -> FitResult:
+         hyper, fn, loss_fn_cast) -> FitResult:
     check_positive(fn, "steps", steps, integer=True)
+    loss_fn = loss_fn_cast
     check_positive(fn, "steps_per_call", steps_per_call, integer=True)
     if seeds and jnp.ndim(key) == 0:
         raise fail(fn, "key", "a (seeds,) array of keys when seeds=True", "a single key")
