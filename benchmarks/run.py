@@ -41,8 +41,7 @@ import jaxinterp
 import jaxinterp.train as train_pkg
 from jaxinterp.decomposition import apd_config, l3d_config, spd_config, train_apd, train_spd
 from jaxinterp.decomposition.l3d_run import train_l3d
-from jaxinterp.sharding import replicate
-from jaxinterp.train.fit import TrainState, _make_chunk
+from jaxinterp.train.fit import _make_chunk, initial_state
 
 CASES = {
     "apd": ("tms-5-2", "tms-40-10", "resid-mlp-1", "resid-mlp-2"),
@@ -78,22 +77,20 @@ def make_measure(steps: int, repeats: int):
     def measure(loss_fn, params, frozen, optimizer, sample_fn, *, key,
                 data=None, seeds=False, data_axis=None, frozen_axis=0, seed_batch=None,
                 project=None, hyper=None, **_ignored):
-        opt_init = jax.vmap(optimizer.init) if seeds else optimizer.init
         n_runs = jax.tree_util.tree_leaves(params)[0].shape[0] if seeds else None
-        step0 = jnp.zeros((n_runs,), jnp.int32) if seeds else jnp.asarray(0, jnp.int32)
-        state = TrainState(params, opt_init(params), step0)
+        state = initial_state(params, optimizer, seeds)
         chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis, frozen_axis,
                             project, seed_batch)
-        state, frozen, data, key, hyper = replicate((state, frozen, data, key, hyper), None)
         # one step unscanned: XLA's cost analysis counts a loop's body once, not per trip
         flops, _ = _analysis(chunk.lower(state, frozen, data, key, 1, hyper).compile())
-        _, size = _analysis(chunk.lower(state, frozen, data, key, steps, hyper).compile())
-        out, _ = chunk(state, frozen, data, key, steps, hyper)  # compile + warm-up
+        compiled = chunk.lower(state, frozen, data, key, steps, hyper).compile()
+        _, size = _analysis(compiled)
+        out, _ = compiled(state, frozen, data, key, steps, hyper)  # warm-up
         jax.block_until_ready(out)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            out, _ = chunk(out, frozen, data, key, steps, hyper)
+            out, _ = compiled(out, frozen, data, key, steps, hyper)
             jax.block_until_ready(out)
             times.append((time.perf_counter() - t0) / steps)
         batch = jax.eval_shape(lambda k: sample_fn(

@@ -5,9 +5,9 @@
     jaxinterp run METHOD TARGET [--seed N | --seeds A-B] [--steps N] [--out DIR] [--target DIR]
     jaxinterp sweep METHOD TARGET --seeds A-B [--grid FIELD=v1,v2 ...] [--chunk-size N]
 
-``train`` and ``run`` take ``--devices N`` (split every batch over a mesh of N devices; on
-a CPU-only machine N host devices are made; results agree with one device to round-off)
-and ``--distributed`` (``jax.distributed.initialize`` first, for multi-host runs).
+``train``, ``run`` and ``sweep`` take ``--devices N`` (split every batch over a mesh of N
+devices; on a CPU-only machine N host devices are made; results agree with one device to
+round-off) and ``--distributed`` (``jax.distributed.initialize`` first, for multi-host runs).
 
 Any config field of the target's recipe can be overridden with ``--field-name value``
 (``jaxinterp train tms-5-2 --lr 1e-3 --batch-size 512``); a method may take options that
@@ -130,7 +130,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+def _method_for(args: argparse.Namespace) -> Any:
+    """The method of ``run`` / ``sweep``, after checking that it supports the target and
+    that ``--target`` exists."""
     from .methods import get_method
     from .models import get_target
 
@@ -139,10 +141,15 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.target not in method.targets:
         raise UserError(f"method {method.name!r} supports targets {', '.join(method.targets)}; "
                         f"got {args.target!r}")
-    if args.seed is not None and args.seeds is not None:
-        raise UserError("give either --seed or --seeds, not both")
     if args.target_dir and not Path(args.target_dir).exists():
         raise UserError(f"--target: no such run directory {args.target_dir!r}")
+    return method
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+    method = _method_for(args)
+    if args.seed is not None and args.seeds is not None:
+        raise UserError("give either --seed or --seeds, not both")
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed or 0]
     metrics = method.run(args.target, seeds=seeds, steps=args.steps, out=args.out,
                          target_dir=args.target_dir, overrides=_parse_overrides(extra),
@@ -155,19 +162,12 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from .decomposition.sweep import parse_grid
-    from .methods import get_method
-    from .models import get_target
+    from .methods import METHODS
 
-    method = get_method(args.method)
-    get_target(args.target)
+    method = _method_for(args)
     if method.sweep is None:
         raise UserError(f"method {method.name!r} has no sweep; methods with one: "
-                        + ", ".join(sorted(m for m, v in _methods().items() if v.sweep)))
-    if args.target not in method.targets:
-        raise UserError(f"method {method.name!r} supports targets {', '.join(method.targets)}; "
-                        f"got {args.target!r}")
-    if args.target_dir and not Path(args.target_dir).exists():
-        raise UserError(f"--target: no such run directory {args.target_dir!r}")
+                        + ", ".join(sorted(m for m, v in METHODS.items() if v.sweep)))
     out = args.out or f"runs/sweep-{args.method}-{args.target}"
     summary = method.sweep(args.target, seeds=parse_seeds(args.seeds),
                            grid=parse_grid(args.grid), steps=args.steps, out=out,
@@ -183,12 +183,6 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         rates = {k: v for k, v in entry.items() if k.endswith("_rate")}
         print(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in rates.items()))
     return 0
-
-
-def _methods() -> dict:
-    from .methods import METHODS
-
-    return METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -318,8 +318,7 @@ def train_apd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: APDConfi
 
     run = fit_seeds("apd", target.name, cfg, seeds, keys, comps, params, opt, loss_fn,
                     sample_fn, evaluate, steps=cfg.steps, out=out, progress=progress,
-                    resume=resume, hyper=settings.fit_hyper,
-                    header_extra={"hyper": settings.header} if settings.header else None)
+                    resume=resume, settings=settings)
     result, seed_metrics, wall, run_dir, header = run
     comps = result.params
     metrics = _summarise(seed_metrics, cfg, result, wall)

@@ -313,9 +313,8 @@ def train_l3d(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: L3DConfi
 
     run = fit_seeds("l3d", target.name, cfg, seeds, keys, sub0, w, opt, loss_fn, sample_fn,
                     evaluate, steps=steps, out=out, progress=progress, resume=resume,
-                    header_extra={"paths": list(names),
-                                  **({"hyper": settings.header} if settings.header else {})},
-                    hyper=settings.fit_hyper, data=data, data_axis=0,
+                    header_extra={"paths": list(names)}, settings=settings, data=data,
+                    data_axis=0,
                     project=lambda s: l3d.normalize_decoder(s, quirk=cfg.norm_quirk))
     result, seed_metrics, wall, run_dir, header = run
     sub = result.params

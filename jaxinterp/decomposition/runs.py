@@ -158,7 +158,8 @@ def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: j
               init: Any, frozen: Any, optimizer: Any, loss_fn: Callable, sample_fn: Callable,
               evaluate: Callable[[Any, dict[str, Any], int], dict[str, Any]], *, steps: int,
               out: str | Path | None, progress: bool, resume: bool,
-              header_extra: dict[str, Any] | None = None, **fit_kwargs: Any) -> SeedsFit:
+              header_extra: dict[str, Any] | None = None,
+              settings: RunSettings | None = None, **fit_kwargs: Any) -> SeedsFit:
     """The run every decomposition method shares: write ``out/config.json``, fit all
     ``seeds`` in one vmapped :func:`~jaxinterp.train.fit` (checkpointing into ``out``,
     resuming from it), then evaluate each seed.
@@ -172,6 +173,8 @@ def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: j
             -> metrics``; the seed is added as ``"seed"``.
         steps: total number of updates.
         header_extra: more header entries (beside method, target, config, seeds).
+        settings: per-run hyperparameters (:func:`run_settings`): traced into the fit and
+            recorded in the header as ``hyper`` (a resume must match them).
         fit_kwargs: passed on to :func:`~jaxinterp.train.fit` (``data``, ``project``, ...).
     """
     from ..train import fit
@@ -180,6 +183,9 @@ def fit_seeds(method: str, target_name: str, cfg: Any, seeds: list[int], keys: j
     run_dir = Path(out) if out is not None else None
     header = {"method": method, "target": target_name, "config": dataclasses.asdict(cfg),
               "seeds": list(seeds), **(header_extra or {})}
+    if settings is not None and settings.header:
+        header["hyper"] = settings.header
+        fit_kwargs["hyper"] = settings.fit_hyper
     extendable = steps_extendable(cfg)
     open_run_dir(run_dir, header, steps, resume=resume, extendable=extendable)
     t0 = time.perf_counter()

@@ -190,11 +190,11 @@ class SPDConfig:
                                  pgd=self.pgd_config())
 
 
-NOT_LOSSES = ("step", "ci_l0", "p")
+NOT_LOSSES = ("step", "ci_l0", "p")  # history entries that are not loss terms
 _INT_FIELDS = ("C", "ci_hidden", "steps", "batch_size", "seed_batch")
 # config fields a sweep may vary within one vmapped fit (jaxinterp sweep)
 SWEEPABLE = ("c_faith", "c_stoch", "c_layerwise", "c_imp", "c_subset", "c_hidden_recon",
-             "c_pgd", "p", "lr")  # history entries that are not loss terms
+             "c_pgd", "p", "lr")
 _TMS40 = dict(C=200, c_imp=1e-4, p=2.0, success_ml2r=(0.98, 1.05))
 _RESID = dict(c_imp=1e-5, p=2.0, batch_size=2048, schedule="constant")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -305,8 +305,7 @@ def train_spd(model: Any, target: base.ToyTarget, target_cfg: Any, cfg: SPDConfi
 
     run = fit_seeds("spd", target.name, cfg, seeds, keys, comps, params, opt, loss_fn,
                     sample_fn, evaluate, steps=cfg.steps, out=out, progress=progress,
-                    resume=resume, hyper=settings.fit_hyper,
-                    header_extra={"hyper": settings.header} if settings.header else None)
+                    resume=resume, settings=settings)
     result, seed_metrics, wall, run_dir, header = run
     comps = result.params
     metrics = _summarise(seed_metrics, cfg, result, wall)

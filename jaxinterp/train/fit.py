@@ -175,6 +175,17 @@ def _seeds_step(one_step, frozen_axis, data_axis, seed_batch):
     return step
 
 
+def initial_state(params: Any, optimizer: optax.GradientTransformation, seeds: bool
+                  ) -> TrainState:
+    """Step 0 of :func:`fit`: ``optimizer``'s state for ``params`` (per seed, vmapped, with a
+    ``(seeds,)`` step counter when ``seeds``)."""
+    if not seeds:
+        return TrainState(params, optimizer.init(params), jnp.asarray(0, jnp.int32))
+    n_seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
+    return TrainState(params, jax.vmap(optimizer.init)(params),
+                      jnp.zeros((n_seeds,), jnp.int32))
+
+
 def _make_chunk(loss_fn: LossFn, sample_fn: SampleFn, optimizer, seeds: bool, data_axis,
                 frozen_axis=0, project=None, seed_batch: int | None = None):
     def one_step(state: TrainState, frozen, data, run):
@@ -349,26 +360,7 @@ def fit(
         ValueError: bad arguments, or a checkpoint this run cannot resume.
     """
     fn = "fit"
-    if mesh is None:
-        ambient = jax.sharding.get_mesh()
-        mesh = ambient if not ambient.empty and DATA in ambient.axis_names else None
-    with use_mesh(mesh):
-        return _fit(loss_fn, params, frozen, optimizer, sample_fn, steps=steps, key=key,
-                    data=data, seeds=seeds, data_axis=data_axis, frozen_axis=frozen_axis,
-                    steps_per_call=steps_per_call, seed_batch=seed_batch, project=project,
-                    eval_fn=eval_fn, eval_every=eval_every, stop_fn=stop_fn,
-                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                    resume=resume, header=header, extendable=extendable, progress=progress,
-                    desc=desc, mesh=mesh, hyper=hyper, fn=fn,
-                    loss_fn_cast=mixed_precision(loss_fn, compute_dtype))
-
-
-def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, seeds, data_axis,
-         frozen_axis, steps_per_call, seed_batch, project, eval_fn, eval_every, stop_fn,
-         checkpoint_dir, checkpoint_every, resume, header, extendable, progress, desc, mesh,
-         hyper, fn, loss_fn_cast) -> FitResult:
     check_positive(fn, "steps", steps, integer=True)
-    loss_fn = loss_fn_cast
     check_positive(fn, "steps_per_call", steps_per_call, integer=True)
     if seeds and jnp.ndim(key) == 0:
         raise fail(fn, "key", "a (seeds,) array of keys when seeds=True", "a single key")
@@ -377,11 +369,7 @@ def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, see
         return None if not n else int(-(-n // steps_per_call) * steps_per_call)
 
     eval_every, checkpoint_every = round_up(eval_every), round_up(checkpoint_every)
-    opt_init = jax.vmap(optimizer.init) if seeds else optimizer.init
-    state = TrainState(params, opt_init(params), jnp.asarray(0, jnp.int32))
-    if seeds:
-        n_seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
-        state = eqx.tree_at(lambda s: s.step, state, jnp.zeros((n_seeds,), jnp.int32))
+    state = initial_state(params, optimizer, seeds)
     history: dict[str, list] = {}
     evals: dict[str, list] = {}
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
@@ -400,8 +388,11 @@ def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, see
                     history[k] = list(v)
     if seed_batch is not None:
         check_positive(fn, "seed_batch", seed_batch, integer=True)
-    chunk = _make_chunk(loss_fn, sample_fn, optimizer, seeds, data_axis, frozen_axis,
-                        project, seed_batch)
+    chunk = _make_chunk(mixed_precision(loss_fn, compute_dtype), sample_fn, optimizer, seeds,
+                        data_axis, frozen_axis, project, seed_batch)
+    if mesh is None:  # the mesh set with jax.set_mesh, if it has a data axis
+        ambient = jax.sharding.get_mesh()
+        mesh = ambient if not ambient.empty and DATA in ambient.axis_names else None
     if hyper is not None:
         hyper = {k: jnp.asarray(v) for k, v in hyper.items()}
         want = (jax.tree_util.tree_leaves(params)[0].shape[0],) if seeds else ()
@@ -430,36 +421,38 @@ def _fit(loss_fn, params, frozen, optimizer, sample_fn, *, steps, key, data, see
             evals.setdefault(k, []).append(np.asarray(v))
 
     t0 = time.perf_counter()
-    step = start
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True,
-               mininterval=0.5)
-    stopped = False
-    try:
-        while step < steps:
-            n = min(steps_per_call, steps - step)
-            new_state, terms = chunk(state, frozen, data, key, n, hyper)
-            terms = jax.device_get(terms)
-            _check_finite(terms, step)
-            state = new_state
-            history.setdefault("step", []).extend(range(step + 1, step + n + 1))
-            for k, v in terms.items():
-                history.setdefault(k, []).extend(np.asarray(v))
-            step += n
-            bar.update(n)
-            last = float(np.mean(terms["loss"][-1]))
-            bar.set_postfix(loss=f"{last:.4g}", refresh=False)
-            if eval_every and step % eval_every == 0 and step < steps:
-                run_eval(step)
-                if stop_fn is not None and stop_fn({k: np.asarray(v) for k, v in evals.items()}):
-                    stopped = True
-                    break
-            if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                save(step)
-    finally:
-        bar.close()
-    if eval_fn is not None and (not evals.get("step") or evals["step"][-1] != step):
-        run_eval(step)
-    save(step)
+    with use_mesh(mesh):  # chunks and evaluations traced under the mesh
+        step = start
+        bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress,
+                   dynamic_ncols=True, mininterval=0.5)
+        stopped = False
+        try:
+            while step < steps:
+                n = min(steps_per_call, steps - step)
+                new_state, terms = chunk(state, frozen, data, key, n, hyper)
+                terms = jax.device_get(terms)
+                _check_finite(terms, step)
+                state = new_state
+                history.setdefault("step", []).extend(range(step + 1, step + n + 1))
+                for k, v in terms.items():
+                    history.setdefault(k, []).extend(np.asarray(v))
+                step += n
+                bar.update(n)
+                last = float(np.mean(terms["loss"][-1]))
+                bar.set_postfix(loss=f"{last:.4g}", refresh=False)
+                if eval_every and step % eval_every == 0 and step < steps:
+                    run_eval(step)
+                    so_far = {k: np.asarray(v) for k, v in evals.items()}
+                    if stop_fn is not None and stop_fn(so_far):
+                        stopped = True
+                        break
+                if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                    save(step)
+        finally:
+            bar.close()
+        if eval_fn is not None and (not evals.get("step") or evals["step"][-1] != step):
+            run_eval(step)
+        save(step)
     del stopped
     return FitResult(
         params=state.params,
