@@ -425,7 +425,6 @@ def fit(
         step = start
         bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress,
                    dynamic_ncols=True, mininterval=0.5)
-        stopped = False
         try:
             while step < steps:
                 n = min(steps_per_call, steps - step)
@@ -442,9 +441,8 @@ def fit(
                 bar.set_postfix(loss=f"{last:.4g}", refresh=False)
                 if eval_every and step % eval_every == 0 and step < steps:
                     run_eval(step)
-                    so_far = {k: np.asarray(v) for k, v in evals.items()}
-                    if stop_fn is not None and stop_fn(so_far):
-                        stopped = True
+                    if stop_fn is not None and stop_fn(
+                            {k: np.asarray(v) for k, v in evals.items()}):
                         break
                 if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                     save(step)
@@ -453,7 +451,6 @@ def fit(
         if eval_fn is not None and (not evals.get("step") or evals["step"][-1] != step):
             run_eval(step)
         save(step)
-    del stopped
     return FitResult(
         params=state.params,
         opt_state=state.opt_state,
