@@ -21,8 +21,9 @@ def _run(name: str, seeds: list[int]):
 # feature's hidden vector and its CI is 0 there, the importance-minimal pattern
 # (experiments/spd.md, "TMS 5-2 + identity"). Strict xfail: a pass is news.
 _DENSE_IDENTITY = pytest.mark.xfail(
-    strict=True, reason="dense(2) IdentityCIError on hidden.0 is not what the loss "
-    "prefers (experiments/spd.md, TMS 5-2 + identity)")
+    strict=True, raises=AssertionError,
+    reason="dense(2) IdentityCIError on hidden.0 is not what the loss prefers "
+    "(experiments/spd.md, TMS 5-2 + identity)")
 
 
 @pytest.mark.slow
@@ -40,8 +41,9 @@ def test_spd_tms_meets_the_paper_numbers_on_some_seed(name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="mlp_out pieces end neuron-aligned, so the dense(50) "
-                   "pattern fails (4 575 errors on seed 0; experiments/spd.md, resid-mlp-1)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="mlp_out pieces end neuron-aligned, so the dense(50) pattern fails "
+                   "(4 575 errors on seed 0; experiments/spd.md, resid-mlp-1)")
 def test_spd_resid_mlp_1_reaches_zero_identity_ci_error():
     res = _run("resid-mlp-1", [0])
     print("resid-mlp-1", res.metrics["identity_ci_error"])
